@@ -1,0 +1,228 @@
+"""One denoiser interface for every teacher, student and fake-score network.
+
+    D(x_sigma, sigma, **cond) -> x0_hat          (variance-exploding form, x_sigma = x0 + sigma * eps)
+
+`DiffusersDenoiser` adapts any diffusers model that takes `(sample, timestep=..., **cond)` under a DDPM-style or
+flow-matching schedule; `EDMDenoiser` adapts natively EDM-preconditioned networks (the small MLPs used for 1-D/2-D
+data). `denoiser_from_pretrained` is the only place that looks at the model family: methods never branch on it.
+Conditioning (`class_labels`, `encoder_hidden_states`, ...) passes through as keyword arguments.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from .schedules import EDMSchedule, Schedule, schedule_from_scheduler, x0_from_prediction
+
+# Modules whose classes a model_index.json may name; anything else is refused (no arbitrary imports from files).
+TRUSTED_LIBRARIES = ("diffusers", "transformers", "onestep")
+
+
+class Denoiser(nn.Module):
+    """Base class. Subclasses implement `denoise`; `forward` adds the optional bottleneck-feature capture that
+    discriminator heads read (a forward hook on the network's middle, so no second pass is needed)."""
+
+    schedule: Schedule
+
+    def __init__(self, model: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+        self._features = None
+        self._capture = False
+        middle = _middle_module(model)
+        if middle is not None:
+            middle.register_forward_hook(self._store_features)
+
+    def _store_features(self, module, inputs, output):
+        if self._capture:
+            self._features = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, return_features: bool = False, **cond):
+        sigma = _per_sample(sigma, x)
+        if not return_features:
+            return self.denoise(x, sigma, **cond)
+        self._capture = True
+        try:
+            x0 = self.denoise(x, sigma, **cond)
+            features = self._features
+        finally:
+            self._capture, self._features = False, None
+        if features is None:
+            raise RuntimeError(f"{type(self.model).__name__} exposes no bottleneck (mid_block) to read features from")
+        return x0, features
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clone(self) -> "Denoiser":
+        """An independent copy (new weights, same schedule): how students and fake scores start from a teacher."""
+        twin = type(self)(copy.deepcopy(self.model), self.schedule)
+        twin.scheduler = self.scheduler
+        return twin
+
+    # --- facts about the network that recipes and trainers need -------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (without batch)."""
+        config = self.model.config
+        if "sample_size" in config and "in_channels" in config:
+            size = config.sample_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            return (config.in_channels, *size)
+        return (config.dim,)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of class labels the network takes (None: not class-conditional)."""
+        config = self.model.config
+        return config.get("num_class_embeds") or config.get("num_classes") or None
+
+    def round_sigma(self, sigma):
+        return self.schedule.round_sigma(torch.as_tensor(sigma, dtype=torch.float64))
+
+
+class DiffusersDenoiser(Denoiser):
+    """A diffusers model under a VP or flow-matching schedule, seen as a VE denoiser (DESIGN.md table)."""
+
+    def denoise(self, x, sigma, **cond):
+        a, s = (_expand(c, x) for c in self.schedule.coefficients(sigma))
+        x_t = a * x
+        t = self.schedule.timestep(sigma)
+        dtype = self.model.dtype
+        out = self.model(x_t.to(dtype), timestep=t.to(dtype), **cond, return_dict=False)[0].float()
+        out = out[:, : x.shape[1]]  # learned-variance models emit 2C channels; the first C are the prediction
+        return x0_from_prediction(out, x_t.float(), a.float(), s.float(), self.schedule.prediction_type)
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning (Karras et al. 2022, eq. 7): D = c_skip x + c_out F(c_in x, c_noise)."""
+
+    schedule: EDMSchedule
+
+    def denoise(self, x, sigma, **cond):
+        sd = self.schedule.sigma_data
+        sigma = _expand(sigma, x).float()
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = self.schedule.timestep(sigma.flatten(1)[:, 0])
+        dtype = self.model.dtype
+        out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **cond, return_dict=False)[0].float()
+        return c_skip * x + c_out * out
+
+
+class MLPModel(ModelMixin, ConfigMixin):
+    """Small residual MLP for 1-D/2-D data, called like a diffusers model: `model(x, timestep, class_labels)`.
+
+    The timestep is embedded with Fourier features; `num_classes` adds a label embedding. Saved and loaded with
+    `save_pretrained` / `from_pretrained` like any diffusers model.
+    """
+
+    @register_to_config
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int | None = None,
+                 time_embed_dim: int = 32):
+        super().__init__()
+        self.time_freqs = nn.Parameter(torch.randn(time_embed_dim // 2) * 4.0, requires_grad=False)
+        self.inp = nn.Linear(dim + time_embed_dim, hidden)
+        self.label_embed = nn.Embedding(num_classes, hidden) if num_classes else None
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.mid_block = nn.Identity()  # where discriminator heads read features, as on UNets
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+        t = timestep.reshape(-1, 1).to(sample.dtype).expand(sample.shape[0], 1)
+        angles = 2 * math.pi * t * self.time_freqs
+        h = self.inp(torch.cat([sample, angles.sin(), angles.cos()], dim=1))
+        if self.label_embed is not None:
+            h = h + self.label_embed(class_labels)
+        for i, block in enumerate(self.blocks):
+            h = h + block(h)
+            if i == len(self.blocks) // 2:
+                h = self.mid_block(h)
+        out = self.out(h)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def denoiser_from_pretrained(model: nn.Module, scheduler) -> Denoiser:
+    """Wrap a diffusers-style model and its scheduler (instance or config) into the right Denoiser."""
+    schedule = schedule_from_scheduler(scheduler)
+    denoiser = (EDMDenoiser if isinstance(schedule, EDMSchedule) else DiffusersDenoiser)(model, schedule)
+    denoiser.scheduler = scheduler  # the diffusers scheduler travels with the network into exported pipelines
+    return denoiser
+
+
+def load_pretrained_model(path_or_id: str, subfolder: str | None = None):
+    """Load (model, scheduler) from a diffusers pipeline folder or hub id.
+
+    The folder's `model_index.json` names the classes; only classes from diffusers, transformers and onestep are
+    accepted. The model is `unet` or `transformer` (whichever the pipeline has), the scheduler `scheduler`.
+    """
+    index = read_model_index(path_or_id)
+    name = subfolder or next((k for k in ("unet", "transformer") if k in index), None)
+    if name is None or "scheduler" not in index:
+        raise ValueError(f"{path_or_id}: model_index.json must list a 'unet' or 'transformer' and a 'scheduler' "
+                         f"component (found {sorted(k for k in index if not k.startswith('_'))})")
+    model = import_trusted_class(index[name], path_or_id).from_pretrained(path_or_id, subfolder=name)
+    scheduler_cls = import_trusted_class(index["scheduler"], path_or_id)
+    scheduler = scheduler_cls.from_config(scheduler_cls.load_config(path_or_id, subfolder="scheduler"))
+    return model, scheduler
+
+
+def load_teacher(path_or_id: str) -> Denoiser:
+    """A frozen teacher Denoiser from a local diffusers folder or a hub id."""
+    model, scheduler = load_pretrained_model(path_or_id)
+    teacher = denoiser_from_pretrained(model, scheduler)
+    teacher.requires_grad_(False).eval()
+    return teacher
+
+
+def read_model_index(path_or_id: str) -> dict:
+    local = Path(path_or_id)
+    if local.is_dir():
+        index_file = local / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path_or_id}: not a diffusers pipeline folder (no model_index.json)")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        index_file = Path(hf_hub_download(path_or_id, "model_index.json"))
+    try:
+        return json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_file}: not valid JSON ({err})") from None
+
+
+def import_trusted_class(entry, where: str):
+    library, class_name = entry
+    if library is None or library.split(".")[0] not in TRUSTED_LIBRARIES:
+        raise ValueError(f"{where}: component class {entry} is not from {TRUSTED_LIBRARIES}; refusing to import it")
+    return getattr(importlib.import_module(library), class_name)
+
+
+def _middle_module(model: nn.Module):
+    if getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is not None and len(blocks):
+        return blocks[len(blocks) // 2]
+    return None
+
+
+def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    return sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
+
+
+def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)

@@ -1,0 +1,29 @@
+"""The one-step generator: a denoiser evaluated at one fixed noise level.
+
+    G_theta(z, c) = D_theta(sigma_init * z, sigma_init, c)
+
+(SiD, Zhou et al. 2024, sec. 4; DMD2's `conditioning_sigma`). Initialised from the teacher, so at step 0 the
+generator *is* the teacher's one-step x0 prediction. sigma_init is snapped to a level the network was trained on
+(t_init = 440 for DDPM-linear at 2.5) and must travel with the weights: changing it after training breaks the
+model (SIM issue #4).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .denoisers import Denoiser
+
+
+class OneStepGenerator(nn.Module):
+    def __init__(self, denoiser: Denoiser, sigma_init: float = 2.5):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_init = float(denoiser.round_sigma(sigma_init))
+
+    def forward(self, z: torch.Tensor, **cond) -> torch.Tensor:
+        return self.denoiser(self.sigma_init * z, self.sigma_init, **cond)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.denoiser.sample_shape

@@ -1,0 +1,245 @@
+"""Uni-Instruct: one-step generators by expanded f-divergence minimisation, and the methods it contains.
+
+Wang et al., "Uni-Instruct: One-step Diffusion Model through Unified Diffusion Divergence Instruction",
+NeurIPS 2025 (arXiv 2505.20755). With x0 = G(z), x_t = x0 + sigma eps (VE), frozen teacher D_p and fake score D_q,
+delta = s_p - s_q = (D_p - D_q)/sigma^2, B = s_q - grad log q(x_t|x0) = (D_q - x0)/sigma^2 and r = p_t/q_t, the
+gradient of the expanded divergence  int w(t) E_q[h(r) ||delta||^2] dt  (h = r^2 f'') equals the pathwise
+gradient of (notes `uni_instruct.md` sec. 3.5, Theorem B):
+
+    L_UI = w [ 2 sg[h] delta.B  +  sg[h - r h'] ||delta||^2  +  sg[-r^2 h'' ||delta||^2 delta + 2 r h' (delta.B) delta] . x_t ]
+              ("sim" term)          ("fgm" term)                 ("di" term: a frozen direction)
+
+with the SiD weight w = sigma^4 / wf, wf = mean|x0 - D_p| (Zhou et al. 2024). Special cases, all selectable here:
+
+* SiD(alpha) (Zhou et al., ICML 2024, eq. 8): reverse KL with term weights (1/2, 1 - alpha, 0);
+* Diff-Instruct / DMD / DMD2 / f-distill (Luo et al. 2023; Yin et al. 2024; Xu et al. 2025): `loss: dmd`, the
+  per-time f-divergence whose gradient is the frozen direction h(r) (D_q - D_p)/wf on x0 (h = 1: DI/DMD);
+* the density ratio r comes from a logit head on the fake-score bottleneck trained with BCE (optimal logit
+  log p/q), clamped and mean-normalised as in FastGen's f-distill; an optional GAN term as in SiDA/DMD2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch.nn import functional as F
+
+from ..generators import OneStepGenerator
+from ..networks import FakeScore, bce_discriminator_loss, density_ratio
+from ..schedules import karras_sigmas, lognormal_sigmas
+from .base import Batch, Method, MethodConfig, OptimizerConfig, batch_from_data, frozen
+
+
+# --------------------------------------------------------------------------------------------------------------
+# f-divergences: h(r) = r^2 f''(r) and its first two derivatives (notes sec. 3.5 f-table)
+# --------------------------------------------------------------------------------------------------------------
+def _h_terms(name: str, r: torch.Tensor):
+    one, zero = torch.ones_like(r), torch.zeros_like(r)
+    if name == "rkl":            # KL(q||p), f = -log r
+        return one, zero, zero
+    if name == "fkl":            # KL(p||q), f = r log r
+        return r, one, zero
+    if name == "jeffreys":       # f = (r - 1) log r
+        return 1 + r, one, zero
+    if name == "js":             # Jensen-Shannon
+        return r / (1 + r), (1 + r) ** -2, -2 * (1 + r) ** -3
+    if name == "pearson":        # chi^2(p||q), f = (r - 1)^2
+        return 2 * r**2, 4 * r, 4 * one
+    if name == "neyman":         # chi^2(q||p), f = (1 - r)^2 / r
+        return 2 / r, -2 / r**2, 4 / r**3
+    if name == "hellinger":      # squared Hellinger, f = (sqrt r - 1)^2
+        return r.sqrt() / 2, r.rsqrt() / 4, -(r**-1.5) / 8
+    if name == "srkl":           # softened reverse KL, f = (r + 1) log((r + 1) / (2 r))
+        return 1 / (1 + r), -((1 + r) ** -2), 2 * (1 + r) ** -3
+    raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+
+
+DIVERGENCES = ("rkl", "fkl", "jeffreys", "js", "pearson", "neyman", "hellinger", "srkl")
+
+
+class UniInstructLoss:
+    """Per-sample Uni-Instruct surrogate in x0 units (already multiplied by w = sigma^4/wf); notes sec. 3.5.
+
+    Inputs are per-sample tensors: x0 = G(z) (with grad), D_p(x_t), D_q(x_t) (frozen nets, grad through x_t), the
+    detached density ratio r [B], wf [B] and sigma [B]. (c_sim, c_fgm, c_di) = (1, 1, 1) is the exact gradient.
+    """
+
+    def __init__(self, divergence: str, c_sim: float = 1.0, c_fgm: float = 1.0, c_di: float = 1.0):
+        self.divergence, self.c_sim, self.c_fgm, self.c_di = divergence, c_sim, c_fgm, c_di
+
+    def __call__(self, x0, d_teacher, d_fake, r, wf, sigma):
+        d = (d_teacher - d_fake).flatten(1)        # sigma^2 delta
+        b = (d_fake - x0).flatten(1)               # sigma^2 B
+        h, h1, h2 = _h_terms(self.divergence, r)
+        dot_db, dot_dd = (d * b).sum(1), (d * d).sum(1)
+        sim = 2 * h * dot_db
+        fgm = (h - r * h1) * dot_dd
+        coef = (-(r**2) * h2 * dot_dd + 2 * r * h1 * dot_db) / sigma**2   # w * score-unit coefficient, / wf below
+        di = (coef.detach()[:, None] * d.detach() * x0.flatten(1)).sum(1)
+        return (self.c_sim * sim + self.c_fgm * fgm + self.c_di * di) / wf
+
+
+class DistributionMatchingLoss:
+    """Diff-Instruct / DMD2 / f-distill generator loss: the frozen direction h(r) (D_q - D_p) / wf on x0.
+
+    Its gradient is that of int w(t) D_f(p_t || q_t) dt (notes sec. 3.1); h = 1 is reverse KL (DI, DMD, DMD2).
+    """
+
+    def __init__(self, divergence: str):
+        self.divergence = divergence
+
+    def __call__(self, x0, d_teacher, d_fake, r, wf, sigma):
+        h = _h_terms(self.divergence, r)[0]
+        direction = (h[:, None] * (d_fake - d_teacher).flatten(1) / wf[:, None]).detach()
+        return (direction * x0.flatten(1)).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+class UniInstructConfig(MethodConfig):
+    name: Literal["uni_instruct"] = "uni_instruct"
+    loss: Literal["ui", "sid", "dmd"] = Field("sid", description="ui: 3-term surrogate; sid: SiD(alpha); dmd: "
+                                              "frozen direction (Diff-Instruct/DMD2/f-distill)")
+    divergence: Literal[DIVERGENCES] = "rkl"
+    alpha: float = Field(1.2, description="SiD alpha (loss: sid only)")
+    terms: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="UI (sim, fgm, di) term weights")
+    sigma_init: float = Field(2.5, gt=0)
+    tmax: int = Field(800, gt=0, le=1000, description="generator-loss sigma: Karras grid position u <= tmax/1000")
+    fake_sigma: Literal["native", "lognormal"] = "native"
+    generator_loss_scale: float = Field(100.0, gt=0)        # SiD's lsg
+    gan_weight: float = Field(0.0, ge=0, description="generator GAN term weight (SiDA lsg_gan 0.01)")
+    discriminator_weight: float = Field(1.0, ge=0)
+    fake_steps_per_generator_step: int = Field(1, ge=1)
+    generator_start_step: int = Field(0, ge=0, description="fake-score warm-up: no generator update before this")
+    divergence_start_step: int = Field(0, ge=0, description="h = 1 (reverse KL) before this step")
+    gan_start_step: int = Field(0, ge=0)
+    normalize_h: bool = True
+    generator_optimizer: OptimizerConfig = OptimizerConfig()
+    fake_optimizer: OptimizerConfig = OptimizerConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.loss == "sid" and self.divergence != "rkl":
+            raise ValueError("loss 'sid' is the reverse-KL (Fisher) case: set divergence: rkl, or use loss: ui "
+                             f"for divergence {self.divergence!r}")
+        return self
+
+    @property
+    def needs_ratio(self) -> bool:
+        return self.divergence != "rkl"
+
+
+class UniInstruct(Method):
+    name = "uni_instruct"
+    Config = UniInstructConfig
+
+    def __init__(self, config: UniInstructConfig, teacher, data):
+        super().__init__(config, teacher, data)
+        self.gen = OneStepGenerator(teacher.clone().requires_grad_(True).train(), config.sigma_init)
+        example = batch_from_data(data, torch.zeros(1, dtype=torch.long), teacher.num_classes).cond
+        with_head = config.needs_ratio or config.gan_weight > 0
+        self.fake = FakeScore(teacher.clone().requires_grad_(True).train(), with_head, example)
+        if config.loss == "dmd":
+            self.loss = DistributionMatchingLoss(config.divergence)
+        elif config.loss == "sid":
+            self.loss = UniInstructLoss("rkl", 0.5, 1 - config.alpha, 0.0)
+        else:
+            self.loss = UniInstructLoss(config.divergence, *config.terms)
+
+    def trainable(self):
+        return {"fake_score": (self.fake, self.config.fake_optimizer),
+                "generator": (self.gen, self.config.generator_optimizer)}
+
+    def step(self, batch: Batch, ctx) -> dict[str, float]:
+        logs = {}
+        for _ in range(self.config.fake_steps_per_generator_step):
+            logs.update(self.fake_score_step(batch, ctx))
+        if ctx.step >= self.config.generator_start_step:
+            logs.update(self.generator_step(batch, ctx))
+        return logs
+
+    # (A) fake score (+ discriminator): denoising score matching on detached generator samples
+    def fake_score_step(self, batch: Batch, ctx) -> dict[str, float]:
+        cfg, n = self.config, len(batch)
+        with torch.no_grad():
+            x_g = self.gen(self.noise(batch, ctx), **batch.cond)
+        sigma = self.fake_sigmas(n, ctx, batch.x.device)
+        eps = torch.randn(x_g.shape, generator=ctx.rng, device=x_g.device)
+        train_d = self.fake.head is not None
+        x_in, cond = x_g + _bc(sigma, x_g) * eps, batch.cond
+        if train_d:  # one pass over fakes and reals, same sigma and noise for both (SiDA)
+            x_in = torch.cat([x_in, batch.x + _bc(sigma, x_g) * eps])
+            cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
+            sigma2 = torch.cat([sigma, sigma])
+        d_fake, logit = ctx.net("fake_score")(x_in, sigma2 if train_d else sigma, with_logit=train_d, **cond)
+        weight = self.teacher.schedule.loss_weight(sigma)
+        loss_dsm = (weight * (d_fake[:n] - x_g).flatten(1).pow(2).sum(1)).mean()
+        logs = {"loss/fake_dsm": loss_dsm.item()}
+        loss = loss_dsm
+        if train_d:
+            loss_d = bce_discriminator_loss(logit[n:], logit[:n]).mean()
+            loss = loss + cfg.discriminator_weight * loss_d
+            logs["loss/discriminator"] = loss_d.item()
+        ctx.update("fake_score", loss)
+        return logs
+
+    # (B) generator: the Uni-Instruct / SiD / DMD surrogate through frozen teacher and fake score
+    def generator_step(self, batch: Batch, ctx) -> dict[str, float]:
+        cfg = self.config
+        x0 = ctx.net("generator")(self.noise(batch, ctx), **batch.cond)
+        sigma = self.generator_sigmas(len(batch), ctx, x0.device)
+        x_t = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=ctx.rng, device=x0.device)
+        use_ratio = cfg.needs_ratio and ctx.step >= cfg.divergence_start_step
+        use_gan = cfg.gan_weight > 0 and ctx.step >= cfg.gan_start_step
+        input_grads = not isinstance(self.loss, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
+        with frozen(self.fake), torch.set_grad_enabled(input_grads):
+            d_teacher = self.teacher(x_t, sigma, **batch.cond)
+            d_fake, logit = self.fake(x_t, sigma, with_logit=use_ratio or use_gan, **batch.cond)
+        wf = (x0 - d_teacher).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
+        r = density_ratio(logit) if use_ratio else torch.ones_like(sigma)
+        per_sample = self.loss(x0, d_teacher, d_fake, r, wf, sigma)
+        if use_ratio and cfg.normalize_h:  # mean-normalised h (FastGen f-distill): only the step size changes
+            per_sample = per_sample / ctx.mean_across_processes(_h_terms(cfg.divergence, r)[0].mean())
+        loss = cfg.generator_loss_scale * per_sample.mean()
+        logs = {"loss/generator": loss.item(), "ratio/mean": r.mean().item()}
+        if use_gan:
+            loss_gan = F.softplus(-logit).mean()   # non-saturating GAN (SiDA, DMD2)
+            loss = loss + cfg.gan_weight * loss_gan
+            logs["loss/generator_gan"] = loss_gan.item()
+        ctx.update("generator", loss)
+        return logs
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+    def noise(self, batch: Batch, ctx) -> torch.Tensor:
+        return torch.randn((len(batch), *self.teacher.sample_shape), generator=ctx.rng, device=batch.x.device)
+
+    def generator_sigmas(self, n, ctx, device):
+        sigma = karras_sigmas(n, ctx.rng, u_max=self.config.tmax / 1000, device=device)
+        return self.teacher.round_sigma(sigma).float().to(device)
+
+    def fake_sigmas(self, n, ctx, device):
+        if self.config.fake_sigma == "native":
+            sigma = self.teacher.schedule.training_sigmas(n, ctx.rng, device=device)
+        else:
+            sigma = lognormal_sigmas(n, ctx.rng, device=device)
+        return self.teacher.round_sigma(sigma).float().to(device)
+
+    @torch.no_grad()
+    def sample(self, network, noise, **cond):
+        return network(noise, **cond)
+
+    def export(self, network, out_dir, card):
+        from ..pipelines import OneStepPipeline
+
+        card = {"method": f"Uni-Instruct ({self.config.loss}, {self.config.divergence})", **card}
+        OneStepPipeline.from_generator(network, self.teacher.scheduler, card).save_pretrained(Path(out_dir))
+
+    def generator(self) -> OneStepGenerator:
+        return self.gen
+
+
+def _bc(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast per-sample sigma [B] against x [B, ...]."""
+    return sigma.reshape(-1, *([1] * (x.dim() - 1)))
+

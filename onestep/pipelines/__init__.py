@@ -1,0 +1,3 @@
+from .onestep import OneStepPipeline
+
+__all__ = ["OneStepPipeline"]

@@ -1,0 +1,166 @@
+"""`OneStepPipeline`: a diffusers pipeline around a distilled one-step (or few-step) generator.
+
+The folder it saves is an ordinary diffusers pipeline folder (model_index.json, safetensors weights, the teacher's
+scheduler config) plus a model card (README.md) and `onestep_card.json` (teacher, method, NFE, FID + protocol).
+It loads with `OneStepPipeline.from_pretrained(dir)`, and with plain
+`diffusers.DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` through the `pipeline.py` written next
+to model_index.json (a one-line import of this class; onestep must be installed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..denoisers import denoiser_from_pretrained, import_trusted_class, read_model_index
+from ..generators import OneStepGenerator
+from ..sampling.samplers import sample_few_step
+
+CARD_FILE = "onestep_card.json"
+REMOTE_CODE = '''"""Lets `diffusers.DiffusionPipeline.from_pretrained(this_folder, trust_remote_code=True)` find onestep's class."""
+from onestep.pipelines import OneStepPipeline  # noqa: F401  (pip install onestep)
+'''
+MAX_STEPS = 4
+
+
+class OneStepPipeline(DiffusionPipeline):
+    """Generate with a one-step generator G(z) = D(sigma_init z, sigma_init); 2-4 steps re-noise and denoise again.
+
+    Args:
+        scheduler: the teacher's scheduler; only its config is used (to convert the network's output to x0).
+        unet / transformer: the generator network (a distilled copy of the teacher's).
+        sigma_init: the VE noise level the generator was trained at (stored in model_index.json).
+    """
+
+    model_cpu_offload_seq = "transformer->unet"
+    _optional_components = ["unet", "transformer"]
+
+    def __init__(self, scheduler, unet=None, transformer=None, sigma_init: float = 2.5):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("OneStepPipeline needs exactly one generator network: unet or transformer")
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer)
+        self.register_to_config(sigma_init=float(sigma_init))
+        self._card = None
+
+    @property
+    def network(self):
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def one_step_generator(self) -> OneStepGenerator:
+        return OneStepGenerator(denoiser_from_pretrained(self.network, self.scheduler), self.config.sigma_init)
+
+    @classmethod
+    def from_generator(cls, generator: OneStepGenerator, scheduler, card: dict | None = None):
+        """Wrap a trained generator; `scheduler` is the teacher's diffusers scheduler (its config travels)."""
+        model = generator.denoiser.model
+        slot = "transformer" if hasattr(model, "transformer_blocks") else "unet"
+        pipe = cls(scheduler=scheduler, sigma_init=generator.sigma_init, **{slot: model})
+        pipe.card = dict(card or {})
+        return pipe
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, generator=None,
+                 class_labels: torch.Tensor | list[int] | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, **cond):
+        """Generate `batch_size` samples.
+
+        num_inference_steps: 1 (the distilled one-step map) up to 4 (re-noise and denoise with the same weights).
+        class_labels: one label per sample for class-conditional generators (default: 0, 1, 2, ... cycling).
+        output_type: "pil" | "np" | "pt" (images in [0, 1]); "raw" returns the generator's output as is.
+        """
+        if not 1 <= num_inference_steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be 1..{MAX_STEPS}, got {num_inference_steps}")
+        gen = self.one_step_generator
+        shape = (batch_size, *gen.sample_shape)
+        z = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device,
+                                                             dtype=torch.float32)
+        num_classes = gen.denoiser.num_classes
+        if num_classes:
+            if class_labels is None:
+                class_labels = torch.arange(batch_size) % num_classes
+            cond["class_labels"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
+        noise_generator = generator[0] if isinstance(generator, list) else generator
+        x = sample_few_step(gen, z, num_inference_steps, noise_generator=noise_generator, **cond)
+        if output_type == "raw" or x.dim() != 4:
+            return ImagePipelineOutput(images=x) if return_dict else (x,)
+        images = (x / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            out = images
+        else:
+            out = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                out = self.numpy_to_pil(out)
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    # --- saving: weights + model card + the remote-code shim ------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        out = Path(save_directory)
+        index_file = out / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = ["pipeline", "OneStepPipeline"]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (out / "pipeline.py").write_text(REMOTE_CODE)
+        card = {"sigma_init": self.config.sigma_init, "nfe": 1, **self.card}
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        (out / "README.md").write_text(model_card(card))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs):
+        """Load a saved folder (or hub id) without running any code from it.
+
+        Components are imported only from diffusers/transformers/onestep (the `pipeline.py` shim is ignored here;
+        only plain `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` uses it).
+        """
+        path = str(pretrained_model_name_or_path)
+        index = read_model_index(path)
+        components = {}
+        for name, entry in index.items():
+            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+                continue
+            klass = import_trusted_class(entry, path)
+            dtype = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
+            components[name] = klass.from_pretrained(path, subfolder=name, **dtype, **kwargs)
+        pipe = cls(**components, sigma_init=index.get("sigma_init", 2.5))
+        pipe.register_to_config(_name_or_path=path)
+        return pipe
+
+    @property
+    def card(self) -> dict:
+        """Facts about the generator (teacher, method, NFE, FID + protocol), read from the saved folder."""
+        if self._card is None:
+            card_file = Path(str(self.config.get("_name_or_path", ""))) / CARD_FILE
+            self._card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        return self._card
+
+    @card.setter
+    def card(self, value: dict):
+        self._card = value
+
+
+def model_card(card: dict) -> str:
+    """A Hugging Face model card (YAML front matter + the facts users look for, ANCHORS.md C.4)."""
+    facts = "\n".join(f"| {k} | {v} |" for k, v in card.items())
+    return f"""---
+library_name: diffusers
+tags: [onestep, one-step-diffusion, distillation]
+---
+# One-step generator distilled with onestep
+
+| fact | value |
+| --- | --- |
+{facts}
+
+```python
+from onestep.pipelines import OneStepPipeline
+pipe = OneStepPipeline.from_pretrained("path/to/this/folder")
+images = pipe(batch_size=16, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+# or, with onestep installed: diffusers.DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+```
+"""

@@ -1,0 +1,146 @@
+"""Recipe files: YAML validated into typed config. Unknown or ill-typed keys are errors naming the key and what
+would be valid; `--set a.b=value` overrides any key from the command line."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from ..methods.base import MethodConfig, StrictModel, get_method
+
+
+class ConfigError(ValueError):
+    """A recipe problem, phrased for the user (one line per problem)."""
+
+
+class DataConfig(StrictModel):
+    name: str = Field("digits", description="gaussian_grid | digits | shapes | folder:<path>")
+    resolution: int | None = Field(None, gt=0, le=4096)
+    num_samples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0, le=65536, description="per process")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip_norm: float | None = Field(None, gt=0)
+    nan_policy: Literal["skip", "stop"] = Field("skip", description="non-finite loss/gradient: skip the update "
+                                                "or stop training")
+    max_skipped_steps: int = Field(20, ge=0, description="stop after this many skipped (non-finite) updates")
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(250, gt=0)
+    log_every: int = Field(10, gt=0)
+    num_sample_images: int = Field(64, gt=0, le=1024)
+
+
+class EMAConfig(StrictModel):
+    decay: float = Field(0.999, gt=0, lt=1)
+    warmup: bool = Field(True, description="ramp the decay as (1 + n)/(10 + n) early on (diffusers EMAModel)")
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(0, ge=0, description="compute FID every N steps (0: only at the end)")
+    num_samples: int = Field(1000, gt=0)
+    feature_extractor: str = "onestep-digits"
+    enabled: bool = True
+
+
+class RunConfig(StrictModel):
+    seed: int = 0
+    output_dir: str = "runs/onestep"
+    teacher: str | None = Field(None, description="local diffusers folder or hub id")
+    data: DataConfig = DataConfig()
+    method: MethodConfig
+    train: TrainConfig = TrainConfig()
+    ema: EMAConfig = EMAConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate. Raises ConfigError with readable lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys (seed, teacher, data, method, train, ...)")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "recipe") -> RunConfig:
+    method_raw = raw.get("method")
+    if not isinstance(method_raw, dict) or "name" not in method_raw:
+        from ..methods.base import available_methods
+        raise ConfigError(f"{source}: method.name is required; valid: {', '.join(sorted(available_methods()))}")
+    try:
+        method_cls = get_method(method_raw["name"])
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    problems = []
+    try:
+        method = method_cls.Config.model_validate(method_raw)
+    except ValidationError as err:
+        problems += _describe(err, method_cls.Config, prefix="method")
+    try:
+        config = RunConfig.model_validate({**raw, "method": {"name": method_raw["name"]}})
+    except ValidationError as err:
+        problems += _describe(err, RunConfig)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return config.model_copy(update={"method": method})
+
+
+def dump_config(config: RunConfig) -> str:
+    data = config.model_dump(mode="json")
+    data["method"] = config.method.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=200")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if prefix and loc[:1] == [prefix]:
+            loc = loc[1:]
+        key = ".".join(([prefix] if prefix else []) + loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], valid, n=1)
+            lines.append(f"{key}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; valid keys here: {', '.join(valid)}")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{got}")
+    return lines
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
