@@ -188,8 +188,9 @@ class Trainer:
         from ..eval import frechet_distance
 
         n = self.config.eval.num_samples
-        samples = generate(self.method, self.ema_network(), self.data, n, self.config.seed + 1,
-                           self.method.num_classes, self.accelerator.device)
+        network = self.ema_network()
+        samples = generate(lambda noise, **cond: self.method.sample(network, noise, **cond), self.data, n,
+                           self.config.seed + 1, self.method.num_classes, self.accelerator.device)
         fd = frechet_distance(samples, self.data.x.cpu(), feature_extractor=self.config.eval.feature_extractor)
         return {"fid": fd}
 
@@ -247,9 +248,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def generate(method: Method, network, data, n: int, seed: int, num_classes: int | None, device,
-             batch_size: int = 250) -> torch.Tensor:
-    """n samples from a method's network, with labels drawn from the data's label distribution."""
+def generate(sample_fn, data, n: int, seed: int, num_classes: int | None, device, batch_size: int = 250):
+    """n samples of `sample_fn(noise, **cond)`, labels drawn from the data's label distribution. The noise and labels
+    depend only on the seed, so two samplers called with the same seed see the same inputs."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
@@ -258,7 +259,7 @@ def generate(method: Method, network, data, n: int, seed: int, num_classes: int 
         cond = {}
         if num_classes:
             cond["class_labels"] = data.labels.cpu()[torch.randint(len(data), (b,), generator=g)].to(device)
-        out.append(method.sample(network, noise, **cond).float().cpu())
+        out.append(sample_fn(noise, **cond).float().cpu())
     return torch.cat(out)
 
 

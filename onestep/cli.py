@@ -1,0 +1,179 @@
+"""The `onestep` command. Heavy imports happen inside each subcommand so that `--help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+DESCRIPTION = """\
+onestep turns a multi-step diffusion teacher into a one-step generator.
+
+  onestep quickstart --out runs/quickstart      distil the shipped digits teacher on this CPU (~3 min)
+  onestep train recipes/digits16_sid.yaml       run a recipe (any method, any diffusers teacher)
+  accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
+  onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
+  onestep sample runs/quickstart/pipeline -n 64 --out grid.png
+
+Run `onestep COMMAND --help` for the options of a command."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onestep", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_pretrain(sub)
+    _add_quickstart(sub)
+    _add_sample(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("onestep: interrupted (the last checkpoint is intact; continue with --resume latest)", file=sys.stderr)
+        return 130
+    except Exception as err:  # one readable line unless --debug
+        if args.debug or not _is_user_error(err):
+            raise
+        print(f"onestep {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    from .training.trainer import TrainingStopped
+
+    return isinstance(err, (ValueError, FileNotFoundError, TrainingStopped, OSError))
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+def _add_train(sub):
+    p = sub.add_parser("train", help="run a recipe (YAML)", formatter_class=_formatter, description=textwrap.dedent("""\
+        Train with a recipe: which teacher, which data, which method, how long. Examples:
+          onestep train recipes/digits16_sid.yaml
+          onestep train recipes/digits16_sid.yaml --set train.steps=200 --set method.divergence=fkl --set method.loss=ui
+          onestep train recipes/digits16_sid.yaml --resume latest          # continue after a crash or Ctrl-C
+          accelerate launch --num_processes 2 -m onestep train recipes/digits16_sid.yaml
+        Outputs in output_dir: checkpoints/, samples/*.png, metrics.jsonl, loss_curve.png, logs/ (TensorBoard),
+        pipeline/ (the exported diffusers pipeline)."""))
+    p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. train.steps=100 (repeatable)")
+    p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint or a given one")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from .training.config import dump_config, load_config
+
+    config = load_config(args.recipe, args.overrides)
+    if args.dry_run:
+        print(dump_config(config), end="")
+        return 0
+    from .training.trainer import Trainer
+
+    result = Trainer(config, resume=args.resume).train()
+    _print_result(result, config.output_dir)
+
+
+def _print_result(result: dict, out: str):
+    import json
+
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+    print(f"exported pipeline: {out}/pipeline")
+
+
+# --- pretrain ---------------------------------------------------------------------------------------------------
+def _add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="train a small teacher on a built-in dataset", formatter_class=_formatter,
+                       description=textwrap.dedent("""\
+        Train a small diffusers teacher with denoising score matching on built-in data (no download):
+          digits         a class-conditional UNet2DModel (~1 M params), DDPM linear schedule, 16x16
+          gaussian_grid  an MLP denoiser with EDM preconditioning on the 5x5 grid
+        The result is a diffusers pipeline folder usable as `teacher:` in any recipe."""))
+    p.add_argument("--data", default="digits", choices=["digits", "gaussian_grid", "shapes"])
+    p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16 or 32)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--out", required=True, help="output folder (the teacher is written to OUT/pipeline)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args):
+    from .resources import pretrain_recipe
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    overrides = [f"output_dir={args.out}", *args.overrides]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.resolution:
+        overrides.append(f"data.resolution={args.resolution}")
+    config = load_config(pretrain_recipe(args.data), overrides)
+    _print_result(Trainer(config).train(), config.output_dir)
+
+
+# --- quickstart -------------------------------------------------------------------------------------------------
+def _add_quickstart(sub):
+    p = sub.add_parser("quickstart", help="distil the shipped digits teacher on CPU and report FID / speed",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        Distil the small digits teacher shipped in assets/ into a one-step generator with Uni-Instruct (SiD
+        special case), on CPU, then write:
+          OUT/pipeline/      the exported OneStepPipeline (diffusers folder, safetensors)
+          OUT/samples.png    teacher 50-step vs student 1-step on the same seeds
+          OUT/metrics.json   teacher_fid, student_fid, NFEs, images/s of both, fid_protocol, wall_s"""))
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's)")
+    p.add_argument("--fid-samples", type=int, default=None, help="samples per side for the Frechet distance")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args):
+    from .quickstart import run_quickstart
+
+    metrics = run_quickstart(args.out, steps=args.steps, fid_samples=args.fid_samples, overrides=args.overrides)
+    print(f"teacher FID {metrics['teacher_fid']:.2f} ({metrics['teacher_nfe']} NFE) | student FID "
+          f"{metrics['student_fid']:.2f} ({metrics['student_nfe']} NFE) | {metrics['speedup']:.1f}x faster | "
+          f"{metrics['wall_s']:.0f} s")
+    print(f"wrote {args.out}/pipeline, {args.out}/samples.png, {args.out}/metrics.json")
+
+
+# --- sample -----------------------------------------------------------------------------------------------------
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="generate from an exported pipeline", formatter_class=_formatter,
+                       description="Generate images with an exported OneStepPipeline folder and save a grid PNG.")
+    p.add_argument("pipeline", help="exported pipeline folder")
+    p.add_argument("-n", "--num", type=int, default=64, help="number of samples (1..4096)")
+    p.add_argument("--steps", type=int, default=1, help="1..4 network evaluations per sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.set_defaults(run=_run_sample)
+
+
+def _run_sample(args):
+    from pathlib import Path
+
+    import torch
+
+    from .pipelines import OneStepPipeline
+    from .training.visuals import save_samples
+
+    if not 1 <= args.num <= 4096:
+        raise ValueError(f"--num must be 1..4096, got {args.num}")
+    pipe = OneStepPipeline.from_pretrained(args.pipeline)
+    x = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+             output_type="raw").images
+    save_samples(x, Path(args.out))
+    print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
