@@ -197,8 +197,13 @@ class Trainer:
     def export(self, result: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        card = {"teacher": self.config.teacher, "dataset": self.config.data.name, "steps": self.config.train.steps,
-                **{k: v for k, v in result.items() if k == "fid"}}
+        card = {"teacher": self.config.teacher, "dataset": self.config.data.name, "steps": self.config.train.steps}
+        if "fid" in result:
+            from ..eval import fid_protocol
+
+            card["fid"] = result["fid"]
+            card["fid_protocol"] = fid_protocol(self.config.eval.feature_extractor, self.config.eval.num_samples,
+                                                len(self.data), self.config.data.name, 1)
         self.method.export(self.ema_network(), self.out / "pipeline", card)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
