@@ -49,7 +49,7 @@ def main():
 
         def full_step():
             rng = step_generator(0, step[0], 0, "cpu")
-            batch = batch_from_data(data, torch.randint(len(data), (args.batch,), generator=rng), method.num_classes)
+            batch = batch_from_data(data, torch.randint(len(data), (args.batch,), generator=rng))
             method.step(batch, _Context(trainer, 10_000 + step[0], rng))
             trainer.ema.step(method.gen.parameters())
             step[0] += 1

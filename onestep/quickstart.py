@@ -42,15 +42,14 @@ def run_quickstart(out: str | Path, steps: int | None = None, fid_samples: int |
     sigmas = teacher_sigmas(teacher.schedule, TEACHER_STEPS)
     run_teacher = lambda noise, **cond: sample_euler(teacher, noise, sigmas, **cond)  # noqa: E731
     run_student = lambda noise, **cond: student(noise, **cond)  # noqa: E731
-    n, seed, classes = config.eval.num_samples, config.seed + 1, teacher.num_classes
-    teacher_fid = frechet_distance(generate(run_teacher, data, n, seed, classes, device), data.x.cpu())
-
-    grid_noise = torch.randn((64, *teacher.sample_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    grid_cond = {"class_labels": (torch.arange(64) % classes).to(device)} if classes else {}
+    n = config.eval.num_samples
+    teacher_fid = frechet_distance(generate(run_teacher, data, teacher.sample_shape, n, config.seed + 1, device),
+                                   trainer.pixels.cpu())
+    noise, cond = trainer.fixed_noise, trainer.fixed_cond  # the sample grids' inputs: labels cycle 0..9
     with torch.no_grad():
-        side_by_side(run_teacher(grid_noise, **grid_cond), run_student(grid_noise, **grid_cond), out / "samples.png",
+        side_by_side(run_teacher(noise, **cond), run_student(noise, **cond), out / "samples.png",
                      (f"teacher, DDIM {TEACHER_STEPS} steps", "student, 1 step (same noise and labels)"))
-    speed = throughput(run_teacher, run_student, teacher, device)
+    speed = throughput(run_teacher, run_student, teacher, data, device)
 
     extractor = config.eval.feature_extractor
     metrics = {
@@ -70,10 +69,11 @@ def run_quickstart(out: str | Path, steps: int | None = None, fid_samples: int |
     return metrics
 
 
-def throughput(run_teacher, run_student, teacher, device, batch: int = THROUGHPUT_BATCH) -> dict:
+def throughput(run_teacher, run_student, teacher, data, device, batch: int = THROUGHPUT_BATCH) -> dict:
     """Images/s of the teacher (50 steps) and the student (1 step), measured side by side on the same batch."""
     noise = torch.randn((batch, *teacher.sample_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    cond = {"class_labels": (torch.arange(batch) % teacher.num_classes).to(device)} if teacher.num_classes else {}
+    rows = torch.arange(batch) % len(data)
+    cond = {k: v[rows.to(v.device)] for k, v in (data.cond or {}).items()}
     with torch.no_grad():
         return {"student": images_per_second(lambda: run_student(noise, **cond), batch, repeats=5),
                 "teacher": images_per_second(lambda: run_teacher(noise, **cond), batch, repeats=1)}

@@ -112,6 +112,10 @@ class Schedule:
         """Sigmas drawn as in the family's native training (used for teacher pretraining and fake-score DSM)."""
         raise NotImplementedError
 
+    def shifted(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Move drawn noise levels the way the family's sampler does (identity except for shifted flows)."""
+        return sigma
+
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Weight that turns ||x0_hat - x0||^2 into the family's native MSE (eps-, v- or flow-MSE)."""
         raise NotImplementedError
@@ -209,8 +213,14 @@ class FlowMatchSchedule(Schedule):
 
     def training_sigmas(self, n, generator=None, device=None):
         t = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
-        t = t.clamp(1.0 / self.num_train_timesteps, self.t_of_sigma(self.sigma_max))
+        return self.shifted(t / (1 - t))
+
+    def shifted(self, sigma):
+        """SD3's time shift t' = shift t / (1 + (shift - 1) t), applied to VE sigma (DMD2 issue #62: distil at the
+        times the teacher samples at)."""
+        t = self.t_of_sigma(sigma)
+        t = (self.shift * t / (1 + (self.shift - 1) * t)).clamp(1.0 / self.num_train_timesteps,
+                                                                 self.t_of_sigma(self.sigma_max))
         return t / (1 - t)
 
     def loss_weight(self, sigma):  # ||v_hat - v||^2 = ||x0_hat - x0||^2 / s^2 with s = t

@@ -8,14 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def tiny_unet(sample_size=8, channels=1, num_classes=10, seed=0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
-                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=num_classes)
+from tiny_teachers import tiny_unet  # noqa: E402,F401  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")

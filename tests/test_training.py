@@ -167,8 +167,9 @@ def _method(tiny_teacher_dir, **method):
     from onestep.methods.uni_instruct import UniInstruct
 
     data = load_dataset("digits", 8)
+    data.cond = {"class_labels": data.labels}
     m = UniInstruct(config.method, load_teacher(tiny_teacher_dir), data)
-    return m, batch_from_data(data, torch.arange(6), 10)
+    return m, batch_from_data(data, torch.arange(6))
 
 
 @pytest.mark.parametrize("method", [dict(loss="sid", alpha=1.2), dict(loss="dmd"), dict(loss="ui", divergence="js"),

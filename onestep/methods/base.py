@@ -32,30 +32,57 @@ class OptimizerConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class NetworkConfig(StrictModel):
+    """How a network copied from the teacher trains: fully, or through LoRA adapters (peft)."""
+
+    lora_rank: int = Field(0, ge=0, le=1024, description="0: train every weight; r > 0: rank-r LoRA adapters only")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (default: the rank)")
+    lora_targets: list[str] | None = Field(None, description="module names to adapt (default: attention "
+                                           "projections and residual convolutions)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+
+
 class MethodConfig(StrictModel):
     name: str
 
 
+def trainable_copy(teacher, network: NetworkConfig):
+    """A trainable copy of the teacher's network (student or fake score), full or LoRA, in train mode."""
+    from ..lora import add_lora
+
+    copy = teacher.clone()
+    model = copy.model
+    if network.gradient_checkpointing:
+        if not getattr(model, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                             "gradient_checkpointing: false")
+        model.enable_gradient_checkpointing()
+    if network.lora_rank:
+        add_lora(model, network.lora_rank, network.lora_alpha, network.lora_targets)
+    else:
+        model.requires_grad_(True)
+    return copy.train()
+
+
 @dataclass
 class Batch:
-    """Real data for one step on this process: x [B, ...] in the teacher's space, and conditioning kwargs."""
+    """Data for one step on this process: real samples x [B, ...] in the teacher's space (None for prompt-only
+    data) and the conditioning keyword tensors the networks take (class_labels, encoder_hidden_states, ...)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    size: int = 0
+    device: torch.device | str = "cpu"
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.size
 
 
-def batch_from_data(data, indices: torch.Tensor, num_classes: int | None) -> Batch:
-    """The Batch for dataset rows `indices`; class labels travel as conditioning when the teacher takes them."""
-    cond = {}
-    if num_classes:
-        if data.labels is None:
-            raise ValueError(f"the teacher is class-conditional ({num_classes} classes) but dataset "
-                             f"{data.name!r} has no labels")
-        cond["class_labels"] = data.labels[indices]
-    return Batch(x=data.x[indices], cond=cond)
+def batch_from_data(data, indices: torch.Tensor) -> Batch:
+    """The Batch for dataset rows `indices` (`data.cond` holds the per-row conditioning for the teacher)."""
+    cond = {k: v[indices] for k, v in (data.cond or {}).items()}
+    x = None if data.x is None else data.x[indices]
+    return Batch(x=x, cond=cond, size=len(indices), device=indices.device)
 
 
 class StepContext(Protocol):

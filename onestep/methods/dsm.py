@@ -49,7 +49,10 @@ class DenoisingScoreMatching(Method):
 
         scheduler_cls = getattr(diffusers, config.scheduler.get("_class_name", "DDPMScheduler"))
         self.scheduler = scheduler_cls.from_config(config.scheduler)
+        if data.x is None:
+            raise ValueError(f"method dsm trains on samples, but dataset {data.name!r} has none")
         num_classes = data.num_classes if config.class_conditional else None
+        data.cond = {"class_labels": data.labels} if num_classes else {}
         if config.model_class == "MLPModel":
             model = MLPModel(**{"dim": data.x.shape[1], "num_classes": num_classes, **config.model})
         else:

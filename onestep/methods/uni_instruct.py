@@ -19,6 +19,7 @@ with the SiD weight w = sigma^4 / wf, wf = mean|x0 - D_p| (Zhou et al. 2024). Sp
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,10 @@ from pydantic import Field, model_validator
 from torch.nn import functional as F
 
 from ..generators import OneStepGenerator
+from ..lora import has_lora, merge_lora
 from ..networks import FakeScore, bce_discriminator_loss, density_ratio
 from ..schedules import karras_sigmas, lognormal_sigmas
-from .base import Batch, Method, MethodConfig, OptimizerConfig, batch_from_data, frozen
+from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, frozen, trainable_copy
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,6 +119,10 @@ class UniInstructConfig(MethodConfig):
     normalize_h: bool = True
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
+    generator_network: NetworkConfig = NetworkConfig()
+    fake_network: NetworkConfig = NetworkConfig()
+    export: Literal["merged", "lora"] = Field("merged", description="LoRA students: merge the adapter into the "
+                                              "exported weights, or keep it as a separate file")
 
     @model_validator(mode="after")
     def _check(self):
@@ -136,10 +142,13 @@ class UniInstruct(Method):
 
     def __init__(self, config: UniInstructConfig, teacher, data):
         super().__init__(config, teacher, data)
-        self.gen = OneStepGenerator(teacher.clone().requires_grad_(True).train(), config.sigma_init)
-        example = batch_from_data(data, torch.zeros(1, dtype=torch.long), teacher.num_classes).cond
+        self.gen = OneStepGenerator(trainable_copy(teacher, config.generator_network), config.sigma_init)
+        example = {k: v[:1] for k, v in (data.cond or {}).items()}
         with_head = config.needs_ratio or config.gan_weight > 0
-        self.fake = FakeScore(teacher.clone().requires_grad_(True).train(), with_head, example)
+        if with_head and data.x is None:
+            raise ValueError("method: the density ratio (divergence other than rkl) and the GAN term need real "
+                             f"samples, but dataset {data.name!r} has none; use divergence: rkl and gan_weight: 0")
+        self.fake = FakeScore(trainable_copy(teacher, config.fake_network), with_head, example)
         if config.loss == "dmd":
             self.loss = DistributionMatchingLoss(config.divergence)
         elif config.loss == "sid":
@@ -164,7 +173,7 @@ class UniInstruct(Method):
         cfg, n = self.config, len(batch)
         with torch.no_grad():
             x_g = self.gen(self.noise(batch, ctx), **batch.cond)
-        sigma = self.fake_sigmas(n, ctx, batch.x.device)
+        sigma = self.fake_sigmas(n, ctx, batch.device)
         eps = torch.randn(x_g.shape, generator=ctx.rng, device=x_g.device)
         train_d = self.fake.head is not None
         x_in, cond = x_g + _bc(sigma, x_g) * eps, batch.cond
@@ -212,17 +221,17 @@ class UniInstruct(Method):
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def noise(self, batch: Batch, ctx) -> torch.Tensor:
-        return torch.randn((len(batch), *self.teacher.sample_shape), generator=ctx.rng, device=batch.x.device)
+        return torch.randn((len(batch), *self.teacher.sample_shape), generator=ctx.rng, device=batch.device)
 
     def generator_sigmas(self, n, ctx, device):
         sigma = karras_sigmas(n, ctx.rng, u_max=self.config.tmax / 1000, device=device)
-        return self.teacher.round_sigma(sigma).float().to(device)
+        return self.teacher.round_sigma(self.teacher.schedule.shifted(sigma)).float().to(device)
 
     def fake_sigmas(self, n, ctx, device):
         if self.config.fake_sigma == "native":
             sigma = self.teacher.schedule.training_sigmas(n, ctx.rng, device=device)
         else:
-            sigma = lognormal_sigmas(n, ctx.rng, device=device)
+            sigma = self.teacher.schedule.shifted(lognormal_sigmas(n, ctx.rng, device=device))
         return self.teacher.round_sigma(sigma).float().to(device)
 
     @torch.no_grad()
@@ -233,6 +242,9 @@ class UniInstruct(Method):
         from ..pipelines import OneStepPipeline
 
         card = {"method": f"Uni-Instruct ({self.config.loss}, {self.config.divergence})", **card}
+        if has_lora(network.denoiser.model) and self.config.export == "merged":
+            network = copy.deepcopy(network)
+            merge_lora(network.denoiser.model)
         OneStepPipeline.from_generator(network, self.teacher.scheduler, card).save_pretrained(Path(out_dir))
 
     def generator(self) -> OneStepGenerator:

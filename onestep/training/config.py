@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..methods.base import MethodConfig, StrictModel, get_method
 
@@ -19,7 +19,19 @@ class ConfigError(ValueError):
 class DataConfig(StrictModel):
     name: str = Field("digits", description="gaussian_grid | digits | shapes | folder:<path>")
     resolution: int | None = Field(None, gt=0, le=4096)
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3: decode image folders as gray/RGB; repeat gray "
+                                           "datasets to RGB (default: the dataset's own)")
     num_samples: int | None = Field(None, gt=0)
+
+
+class TeacherConfig(StrictModel):
+    path: str = Field(description="local diffusers pipeline folder or hub id")
+    guidance_scale: float = Field(1.0, ge=0, le=50, description="classifier-free guidance inside the teacher score, "
+                                  "diffusers convention (1 = none); text teachers only")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="teacher weights; outputs and "
+                                                             "losses stay float32")
+    cpu_offload: bool = Field(False, description="keep the frozen teacher on the CPU, moving layers to the GPU "
+                              "only while they run (accelerate.cpu_offload)")
 
 
 class TrainConfig(StrictModel):
@@ -50,27 +62,40 @@ class EvalConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     output_dir: str = "runs/onestep"
-    teacher: str | None = Field(None, description="local diffusers folder or hub id")
+    teacher: TeacherConfig | None = Field(None, description="a path / hub id, or {path, guidance_scale, dtype, "
+                                          "cpu_offload}")
     data: DataConfig = DataConfig()
     method: MethodConfig
     train: TrainConfig = TrainConfig()
     ema: EMAConfig = EMAConfig()
     eval: EvalConfig = EvalConfig()
 
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_as_path(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate. Raises ConfigError with readable lines."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+        what = "is a folder, not a recipe file" if path.is_dir() else "recipe file not found"
+        raise ConfigError(f"{path}: {what}; pass a YAML recipe (the shipped ones are in recipes/)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line} ({str(err).splitlines()[0]}); fix the syntax "
+                          "(see recipes/*.yaml for examples)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); a recipe is a YAML text file, see recipes/") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys (seed, teacher, data, method, train, ...)")
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys (seed, teacher, data, method, train, ...); "
+                          "see recipes/ for examples")
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw, source=str(path))
@@ -78,9 +103,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def config_from_dict(raw: dict, source: str = "recipe") -> RunConfig:
     method_raw = raw.get("method")
-    if not isinstance(method_raw, dict) or "name" not in method_raw:
+    if not isinstance(method_raw, dict) or not isinstance(method_raw.get("name"), str):
         from ..methods.base import available_methods
-        raise ConfigError(f"{source}: method.name is required; valid: {', '.join(sorted(available_methods()))}")
+        raise ConfigError(f"{source}: method.name is required (a string); valid: "
+                          f"{', '.join(sorted(available_methods()))}")
     try:
         method_cls = get_method(method_raw["name"])
     except ValueError as err:
@@ -111,11 +137,16 @@ def _apply_override(raw: dict, item: str) -> None:
     key, value = item.split("=", 1)
     node = raw
     parts = key.strip().split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(f"--set {item!r}: {part} is not a section; set the value itself, e.g. "
+                              f"--set {'.'.join(parts[:depth + 1])}=VALUE")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set "
+                          f"'{key}=\"...\"'") from None
 
 
 def _describe(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
