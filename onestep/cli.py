@@ -13,6 +13,7 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png
+  onestep demo runs/quickstart/pipeline         a Gradio app on http://127.0.0.1:7860 (pip install -e ".[demo]")
 
 Run `onestep COMMAND --help` for the options of a command."""
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_pretrain(sub)
     _add_quickstart(sub)
     _add_sample(sub)
+    _add_demo(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -33,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
-        print("onestep: interrupted (the last checkpoint is intact; continue with --resume latest)", file=sys.stderr)
+        if args.command == "sample":
+            print("onestep sample: interrupted (finished files are complete; rerun the same command to write the "
+                  "rest)", file=sys.stderr)
+        else:
+            print("onestep: interrupted (the last checkpoint is intact; continue with --resume latest)",
+                  file=sys.stderr)
         return 130
     except Exception as err:  # one readable line unless --debug
         if args.debug or not _is_user_error(err):
@@ -43,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from .training.trainer import TrainingStopped
-
-    return isinstance(err, (ValueError, FileNotFoundError, TrainingStopped, OSError))
+    # TrainingStopped only exists once the trainer was imported: don't import it (and diffusers) to print an error
+    trainer = sys.modules.get("onestep.training.trainer")
+    stopped = (trainer.TrainingStopped,) if trainer is not None else ()
+    return isinstance(err, (ValueError, OSError, FloatingPointError, *stopped))
 
 
 def _formatter(prog):
@@ -149,12 +157,18 @@ def _run_quickstart(args):
 # --- sample -----------------------------------------------------------------------------------------------------
 def _add_sample(sub):
     p = sub.add_parser("sample", help="generate from an exported pipeline", formatter_class=_formatter,
-                       description="Generate images with an exported OneStepPipeline folder and save a grid PNG.")
+                       description=textwrap.dedent("""\
+        Generate with an exported OneStepPipeline folder:
+          onestep sample runs/quickstart/pipeline -n 64 --out grid.png         one grid PNG (up to 4096 samples)
+          onestep sample runs/quickstart/pipeline -n 10000 --out samples/       numbered PNGs 000000.png, ...
+        A folder is filled batch by batch; sample i depends only on --seed and i (at a given --batch-size), so
+        rerunning the same command after an interruption writes exactly the missing files."""))
     p.add_argument("pipeline", help="exported pipeline folder")
-    p.add_argument("-n", "--num", type=int, default=64, help="number of samples (1..4096)")
+    p.add_argument("-n", "--num", type=int, default=64, help="number of samples (grid: 1..4096, folder: 1..10^6)")
     p.add_argument("--steps", type=int, default=1, help="1..4 network evaluations per sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--out", default="samples.png", help="a .png path (one grid) or a folder (numbered PNGs)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per network call when writing a folder")
     p.set_defaults(run=_run_sample)
 
 
@@ -164,15 +178,67 @@ def _run_sample(args):
     import torch
 
     from .pipelines import OneStepPipeline
+    from .pipelines.onestep import MAX_STEPS
+    from .sampling import bulk
     from .training.visuals import save_samples
 
-    if not 1 <= args.num <= 4096:
-        raise ValueError(f"--num must be 1..4096, got {args.num}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be 1..{MAX_STEPS} network evaluations per sample, got {args.steps}; use 1 "
+                         "for the one-step generator")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be 0..2^63-1, got {args.seed}")
+    grid = Path(args.out).suffix.lower() == ".png"
+    if grid and not 1 <= args.num <= 4096:
+        raise ValueError(f"--num must be 1..4096 for one grid PNG, got {args.num}; for more samples write numbered "
+                         "PNGs to a folder: --out DIR")
+    if not grid and not 1 <= args.num <= bulk.MAX_SAMPLES:
+        raise ValueError(f"--num must be 1..{bulk.MAX_SAMPLES} for a folder of PNGs, got {args.num}; split larger "
+                         "jobs over several --out folders (or --seed values)")
+    if not 1 <= args.batch_size <= bulk.MAX_BATCH:
+        raise ValueError(f"--batch-size must be 1..{bulk.MAX_BATCH}, got {args.batch_size}; lower it if memory "
+                         "runs out")
     pipe = OneStepPipeline.from_pretrained(args.pipeline)
+    if not grid:
+        result = bulk.sample_to_folder(pipe, args.out, args.num, seed=args.seed, steps=args.steps,
+                                       batch_size=args.batch_size, source=args.pipeline)
+        print(f"{result.out}: samples 0..{result.total - 1} complete ({result.written} written now, "
+              f"{result.skipped} already there) in {result.seconds:.1f} s")
+        return 0
     x = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
              output_type="raw").images
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="a Gradio app over an exported pipeline", formatter_class=_formatter,
+                       description=textwrap.dedent("""\
+        Serve demo/app.py (a Gradio app: gallery, latency per image, model card, teacher side by side) over an
+        exported pipeline folder. Local only: no share link, analytics off, no outbound connection.
+          onestep demo                                  assets/pipelines/digits16, else runs/quickstart/pipeline
+          onestep demo runs/quickstart/pipeline --port 7861"""))
+    p.add_argument("pipeline", nargs="?", help="exported pipeline folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-images", type=int, default=16, help="cap on images per request")
+    p.add_argument("--concurrency", type=int, default=2, help="requests generated at the same time")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args):
+    """demo/app.py lives beside the package (like recipes/ and assets/), so it is loaded from the checkout."""
+    import importlib.util
+
+    from .resources import REPO_ROOT
+
+    path = REPO_ROOT / "demo" / "app.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the demo ships with the onestep source checkout (pip install -e '.[demo]')")
+    spec = importlib.util.spec_from_file_location("onestep_demo_app", path)
+    app = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(app)
+    app.run(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from .denoisers import import_trusted_class, read_model_index
+from .denoisers import check_component_files, import_trusted_class, read_model_index
 
 # Components a text-only copy of a text-to-image pipeline does not need.
 NON_TEXT_COMPONENTS = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
@@ -39,7 +39,31 @@ class PromptEncoder:
         skip = {name: None for name in NON_TEXT_COMPONENTS if name in index}
         skip.update({name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None})
         skip.update({name: network for name in ("unet", "transformer") if name in index and network is not None})
-        return cls(pipeline_cls.from_pretrained(path, **skip))
+        for name, entry in index.items():  # safetensors only: a pickled component is refused by name, unread
+            if name not in skip and not name.startswith("_") and isinstance(entry, list):
+                check_component_files(import_trusted_class(entry, path), path, name)
+        return cls(pipeline_cls.from_pretrained(path, use_safetensors=True, **skip))
+
+    @classmethod
+    def from_components(cls, pipeline_name: str, components: dict) -> "PromptEncoder":
+        """Rebuild the text side of pipeline class `pipeline_name` from already loaded components (how an exported
+        OneStepPipeline encodes prompts with the teacher's encoders); absent components are passed as None."""
+        pipeline_cls = import_trusted_class(["diffusers", pipeline_name], "onestep pipeline config")
+        kwargs = {}
+        for name, parameter in inspect.signature(pipeline_cls.__init__).parameters.items():
+            if name in components:
+                kwargs[name] = components[name]
+            elif name == "requires_safety_checker":
+                kwargs[name] = False
+            elif name != "self" and parameter.default is inspect.Parameter.empty:
+                kwargs[name] = None
+        return cls(pipeline_cls(**kwargs))
+
+    @property
+    def components(self) -> dict:
+        """The text encoders and tokenizers (what an exported pipeline must carry to take prompts)."""
+        return {k: v for k, v in self.pipeline.components.items()
+                if v is not None and k.startswith(("text_encoder", "tokenizer"))}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], device=None) -> tuple[dict, dict]:

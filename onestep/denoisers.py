@@ -13,6 +13,7 @@ import copy
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ class DiffusersDenoiser(Denoiser):
         x_t = a * x
         t = self.schedule.timestep(sigma)
         dtype = self.model.dtype
-        out = self.model(x_t.to(dtype), timestep=t.to(dtype), **cond, return_dict=False)[0].float()
+        out = self.model(x_t.to(dtype), timestep=t.to(dtype), **_cast(cond, dtype), return_dict=False)[0].float()
         out = out[:, : x.shape[1]]  # learned-variance models emit 2C channels; the first C are the prediction
         return x0_from_prediction(out, x_t.float(), a.float(), s.float(), self.schedule.prediction_type)
 
@@ -117,7 +118,8 @@ class EDMDenoiser(Denoiser):
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = self.schedule.timestep(sigma.flatten(1)[:, 0])
         dtype = self.model.dtype
-        out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **cond, return_dict=False)[0].float()
+        out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **_cast(cond, dtype),
+                         return_dict=False)[0].float()
         return c_skip * x + c_out * out
 
 
@@ -154,6 +156,44 @@ class MLPModel(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+class GuidedDenoiser(Denoiser):
+    """Classifier-free guidance inside a teacher (Ho & Salimans 2022), in diffusers' convention:
+
+        D_w = D(x, uncond) + w * (D(x, cond) - D(x, uncond)),   w = guidance_scale (1: no guidance).
+
+    Used for the teacher's score in distillation (DMD2 uses w = 1.75 for SD1.5, SiD-LSG applies it on both real and
+    fake scores). Both branches run as one batch. Students and fake scores start from the *network*, so `clone`
+    returns an unguided copy.
+    """
+
+    def __init__(self, inner: Denoiser, guidance_scale: float, uncond: dict[str, torch.Tensor]):
+        nn.Module.__init__(self)
+        self.inner, self.guidance_scale, self.uncond = inner, float(guidance_scale), uncond
+        self.schedule = inner.schedule
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    @property
+    def scheduler(self):
+        return self.inner.scheduler
+
+    def forward(self, x, sigma, return_features: bool = False, **cond):
+        if return_features:
+            raise ValueError("a guided teacher exposes no features; discriminators read the fake score")
+        sigma = _per_sample(sigma, x)
+        n = x.shape[0]
+        uncond = {k: v.expand(n, *v.shape[1:]).to(x.device) for k, v in self.uncond.items()}
+        both = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                          **{k: torch.cat([cond[k], uncond[k]]) for k in cond})
+        x0_cond, x0_uncond = both.chunk(2)
+        return x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)
+
+    def clone(self) -> Denoiser:
+        return self.inner.clone()
+
+
 def denoiser_from_pretrained(model: nn.Module, scheduler) -> Denoiser:
     """Wrap a diffusers-style model and its scheduler (instance or config) into the right Denoiser."""
     schedule = schedule_from_scheduler(scheduler)
@@ -172,10 +212,10 @@ def load_pretrained_model(path_or_id: str, subfolder: str | None = None):
     name = subfolder or next((k for k in ("unet", "transformer") if k in index), None)
     if name is None or "scheduler" not in index:
         raise ValueError(f"{path_or_id}: model_index.json must list a 'unet' or 'transformer' and a 'scheduler' "
-                         f"component (found {sorted(k for k in index if not k.startswith('_'))})")
-    model = import_trusted_class(index[name], path_or_id).from_pretrained(path_or_id, subfolder=name)
-    scheduler_cls = import_trusted_class(index["scheduler"], path_or_id)
-    scheduler = scheduler_cls.from_config(scheduler_cls.load_config(path_or_id, subfolder="scheduler"))
+                         f"component (found {sorted(k for k in index if not k.startswith('_'))}); pass a diffusers "
+                         "pipeline folder of a UNet/transformer diffusion model")
+    model = load_component(import_trusted_class(index[name], path_or_id), path_or_id, name)
+    scheduler = load_component(import_trusted_class(index["scheduler"], path_or_id), path_or_id, "scheduler")
     return model, scheduler
 
 
@@ -187,27 +227,114 @@ def load_teacher(path_or_id: str) -> Denoiser:
     return teacher
 
 
+_FOLDER = "a diffusers pipeline folder (model_index.json, unet/ or transformer/, scheduler/)"
+_REEXPORT = "re-export or re-download the folder"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
 def read_model_index(path_or_id: str) -> dict:
+    from .training.checkpoint import refuse_pickle
+
+    path_or_id = str(path_or_id)
     local = Path(path_or_id)
+    if not local.is_dir():
+        refuse_pickle(path_or_id)
+    if local.is_file():
+        raise ValueError(f"{path_or_id}: is a file; pass {_FOLDER}")
     if local.is_dir():
         index_file = local / "model_index.json"
         if not index_file.is_file():
-            raise FileNotFoundError(f"{path_or_id}: not a diffusers pipeline folder (no model_index.json)")
+            raise FileNotFoundError(f"{path_or_id}: not a diffusers pipeline folder (no model_index.json); pass "
+                                    f"{_FOLDER}")
+    elif not _HUB_ID.match(path_or_id) or ".." in path_or_id:
+        raise FileNotFoundError(f"{path_or_id}: no such folder; pass {_FOLDER} or a Hugging Face hub id (org/name)")
     else:
         from huggingface_hub import hf_hub_download
 
-        index_file = Path(hf_hub_download(path_or_id, "model_index.json"))
+        try:
+            index_file = Path(hf_hub_download(path_or_id, "model_index.json"))
+        except Exception as err:  # offline, unknown repo, gated, no model_index.json, ...
+            raise FileNotFoundError(f"{path_or_id}: no such local folder, and no model_index.json for it on the "
+                                    f"Hugging Face hub ({_short(err)}); check the path (relative to {Path.cwd()}) "
+                                    "or the hub id and your connection") from err
     try:
-        return json.loads(index_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{index_file}: not valid JSON ({err})") from None
+        index = json.loads(index_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index_file}: not valid JSON ({_short(err)}); {_REEXPORT}") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file}: must be a JSON object naming the pipeline's components; {_REEXPORT}")
+    return index
 
 
 def import_trusted_class(entry, where: str):
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+            and all(e is None or isinstance(e, str) for e in entry)):
+        raise ValueError(f"{where}: model_index.json entry {entry!r} is not [library, class name]; {_REEXPORT}")
     library, class_name = entry
     if library is None or library.split(".")[0] not in TRUSTED_LIBRARIES:
-        raise ValueError(f"{where}: component class {entry} is not from {TRUSTED_LIBRARIES}; refusing to import it")
-    return getattr(importlib.import_module(library), class_name)
+        raise ValueError(f"{where}: component class {entry} is not from {TRUSTED_LIBRARIES}; refusing to import it "
+                         "(edit model_index.json to name a diffusers/transformers class, or re-export the folder)")
+    try:
+        klass = getattr(importlib.import_module(library), str(class_name))
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{where}: model_index.json names {library}.{class_name}, which is not in this "
+                         f"installation ({_short(err)}); fix the class name or upgrade {library.split('.')[0]}") \
+            from err
+    if not (isinstance(klass, type) and hasattr(klass, "from_pretrained")):
+        raise ValueError(f"{where}: model_index.json names {library}.{class_name}, which is not a loadable "
+                         f"component class; {_REEXPORT}")
+    return klass
+
+
+def load_component(klass, path_or_id: str, name: str, **kwargs):
+    """Load component `name` of a pipeline folder or hub id. Networks load from safetensors only: a folder whose
+    weights are a pickle (.bin/.pt/.ckpt/...) is refused without opening it. Every failure names the folder, what is
+    wrong and the fix (a corrupt/truncated file, a missing component, a config that does not match the weights)."""
+    from safetensors import SafetensorError
+
+    folder = Path(str(path_or_id)) / name
+    is_network = issubclass(klass, nn.Module)
+    check_component_files(klass, path_or_id, name)
+    try:
+        if is_network:
+            kwargs.setdefault("use_safetensors", True)
+        return klass.from_pretrained(str(path_or_id), subfolder=name, **kwargs)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError) as err:
+        raise ValueError(f"{folder}: cannot load {name!r} ({_short(err)}); the folder is incomplete, corrupt, or its "
+                         f"config does not match its weights: {_REEXPORT}") from err
+
+
+def check_component_files(klass, path_or_id: str, name: str) -> None:
+    """For a local folder: component `name` exists and, if it is a network, has complete safetensors weights; a
+    pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. (Hub ids are checked when loading.)"""
+    from .training.checkpoint import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem
+
+    folder = Path(str(path_or_id)) / name
+    if not Path(str(path_or_id)).is_dir():
+        return
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: component folder missing (model_index.json lists {name!r}); {_REEXPORT}")
+    if not issubclass(klass, nn.Module):
+        return
+    weights = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if not weights and pickles:
+        refuse_pickle(pickles[0])
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no weights (*.safetensors) for {name!r}; {_REEXPORT}")
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{file}: corrupt weights file ({problem}); {_REEXPORT}")
+
+
+def _short(err: Exception, limit: int = 200) -> str:
+    """The first sentence of an exception message, on one line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > limit:
+        cut = text.find(". ", 40)
+        text = text[: cut + 1] if 0 < cut < limit else text[:limit] + "..."
+    return text
 
 
 def _middle_module(model: nn.Module):
@@ -222,6 +349,11 @@ def _middle_module(model: nn.Module):
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
     return sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    """Floating conditioning (text embeddings) in the network's dtype; labels stay integers."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
 
 
 def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .denoisers import import_trusted_class, read_model_index
+from .denoisers import import_trusted_class, load_component, read_model_index
 
 CHUNK = 64
 
@@ -22,7 +22,7 @@ class LatentSpace:
         index = read_model_index(path)
         if "vae" not in index or index["vae"][0] is None:
             return None
-        return cls(import_trusted_class(index["vae"], path).from_pretrained(path, subfolder="vae"))
+        return cls(load_component(import_trusted_class(index["vae"], path), path, "vae"))  # safetensors only
 
     def to(self, *args, **kwargs) -> "LatentSpace":
         self.vae.to(*args, **kwargs)

@@ -1,25 +1,26 @@
-"""Run under `accelerate launch` by test_distributed.py: train a few steps, then every rank dumps its weights."""
+"""Run under `accelerate launch` by the distributed tests: train a recipe (with --set style overrides), then every
+rank dumps its trainable weights and the data rows it drew first.
+
+    python dist_worker.py RECIPE.yaml OUT_DIR [KEY=VALUE ...]
+"""
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_run_config  # noqa: E402
-from onestep.training.trainer import Trainer, step_generator  # noqa: E402
+from onestep.training.config import load_config
+from onestep.training.trainer import Trainer, step_generator
 
-teacher, out, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-methods = {"sid": dict(loss="sid"), "ui_fkl_gan": dict(loss="ui", divergence="fkl", gan_weight=0.01)}
-trainer = Trainer(tiny_run_config(teacher, out, steps=4, generator_optimizer={"lr": 1e-3},
-                                  fake_optimizer={"lr": 1e-3}, **methods[method]))
+recipe, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+trainer = Trainer(load_config(recipe, [f"output_dir={out}", *overrides]))
+initial = {k: v.clone() for k, v in trainer.method.generator().state_dict().items()}
 trainer.train()
-rank = trainer.accelerator.process_index
+rank, config = trainer.accelerator.process_index, trainer.config
 tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
            for name, module in trainer.modules.items() for k, v in module.state_dict().items()}
-tensors["first_batch_labels"] = trainer.data.labels[
-    torch.randint(len(trainer.data), (4,), generator=step_generator(0, 0, rank, "cpu"))].cpu()
-teacher_weights = trainer.teacher.model.state_dict()
-moved = max((v - teacher_weights[k]).abs().max() for k, v in trainer.method.gen.denoiser.model.state_dict().items())
-tensors["generator_moved"] = torch.tensor([float(moved)])
+tensors["first_rows"] = torch.randint(len(trainer.data), (config.train.batch_size,),
+                                      generator=step_generator(config.seed, 0, rank, "cpu"))
+final = trainer.method.generator().state_dict()
+tensors["generator_moved"] = torch.tensor([max(float((final[k] - v).abs().max()) for k, v in initial.items())])
 save_file(tensors, out / f"rank{rank}_of_{trainer.accelerator.num_processes}.safetensors")

@@ -50,7 +50,7 @@ def trainable_copy(teacher, network: NetworkConfig):
     """A trainable copy of the teacher's network (student or fake score), full or LoRA, in train mode."""
     from ..lora import add_lora
 
-    copy = teacher.clone()
+    copy = teacher.clone().float()  # trainable weights are float32 even when the teacher runs in bf16/fp16
     model = copy.model
     if network.gradient_checkpointing:
         if not getattr(model, "_supports_gradient_checkpointing", False):
@@ -138,8 +138,9 @@ class Method:
         """Samples from (an EMA copy of) the `ema_network`, for sample grids and evaluation."""
         raise NotImplementedError
 
-    def export(self, network: nn.Module, out_dir, card: dict[str, Any]) -> None:
-        """Write the trained artifact (a diffusers pipeline folder) from (an EMA copy of) the `ema_network`."""
+    def export(self, network: nn.Module, out_dir, card: dict[str, Any], edges: dict[str, Any]) -> None:
+        """Write the trained artifact (a diffusers pipeline folder) from (an EMA copy of) the `ema_network`;
+        `edges` are the teacher's VAE / text components that the pipeline needs around the network."""
         raise NotImplementedError
 
     def __init_subclass__(cls, **kwargs):

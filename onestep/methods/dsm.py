@@ -83,7 +83,7 @@ class DenoisingScoreMatching(Method):
     def sample(self, network, noise, **cond):
         return sample_euler(network, noise, teacher_sigmas(network.schedule, self.config.sample_steps), **cond)
 
-    def export(self, network, out_dir, card):
+    def export(self, network, out_dir, card, edges):
         save_teacher_folder(network.model, self.scheduler, Path(out_dir), card)
 
 

@@ -195,6 +195,12 @@ class UniInstruct(Method):
 
     # (B) generator: the Uni-Instruct / SiD / DMD surrogate through frozen teacher and fake score
     def generator_step(self, batch: Batch, ctx) -> dict[str, float]:
+        with frozen(self.fake):  # through backward too: gradient checkpointing re-runs the fake's forward there
+            loss, logs = self.generator_loss(batch, ctx)
+            ctx.update("generator", loss)
+        return logs
+
+    def generator_loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         x0 = ctx.net("generator")(self.noise(batch, ctx), **batch.cond)
         sigma = self.generator_sigmas(len(batch), ctx, x0.device)
@@ -202,7 +208,7 @@ class UniInstruct(Method):
         use_ratio = cfg.needs_ratio and ctx.step >= cfg.divergence_start_step
         use_gan = cfg.gan_weight > 0 and ctx.step >= cfg.gan_start_step
         input_grads = not isinstance(self.loss, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
-        with frozen(self.fake), torch.set_grad_enabled(input_grads):
+        with torch.set_grad_enabled(input_grads):
             d_teacher = self.teacher(x_t, sigma, **batch.cond)
             d_fake, logit = self.fake(x_t, sigma, with_logit=use_ratio or use_gan, **batch.cond)
         wf = (x0 - d_teacher).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
@@ -216,8 +222,7 @@ class UniInstruct(Method):
             loss_gan = F.softplus(-logit).mean()   # non-saturating GAN (SiDA, DMD2)
             loss = loss + cfg.gan_weight * loss_gan
             logs["loss/generator_gan"] = loss_gan.item()
-        ctx.update("generator", loss)
-        return logs
+        return loss, logs
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def noise(self, batch: Batch, ctx) -> torch.Tensor:
@@ -238,14 +243,14 @@ class UniInstruct(Method):
     def sample(self, network, noise, **cond):
         return network(noise, **cond)
 
-    def export(self, network, out_dir, card):
+    def export(self, network, out_dir, card, edges):
         from ..pipelines import OneStepPipeline
 
         card = {"method": f"Uni-Instruct ({self.config.loss}, {self.config.divergence})", **card}
         if has_lora(network.denoiser.model) and self.config.export == "merged":
             network = copy.deepcopy(network)
             merge_lora(network.denoiser.model)
-        OneStepPipeline.from_generator(network, self.teacher.scheduler, card).save_pretrained(Path(out_dir))
+        OneStepPipeline.from_generator(network, self.teacher.scheduler, card, edges).save_pretrained(Path(out_dir))
 
     def generator(self) -> OneStepGenerator:
         return self.gen

@@ -4,7 +4,8 @@ The folder it saves is an ordinary diffusers pipeline folder (model_index.json, 
 scheduler config) plus a model card (README.md) and `onestep_card.json` (teacher, method, NFE, FID + protocol).
 It loads with `OneStepPipeline.from_pretrained(dir)`, and with plain
 `diffusers.DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` through the `pipeline.py` written next
-to model_index.json (a one-line import of this class; onestep must be installed).
+to model_index.json: a verbatim copy of `standalone_pipeline.py`, which needs only torch + diffusers (users without
+onestep) and gives the same images (tests/test_standalone_pipeline.py keeps the two implementations equal).
 """
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..denoisers import denoiser_from_pretrained, import_trusted_class, read_model_index
+from ..denoisers import denoiser_from_pretrained, import_trusted_class, load_component, read_model_index
 from ..generators import OneStepGenerator
 from ..sampling.samplers import sample_few_step
 
 CARD_FILE = "onestep_card.json"
-REMOTE_CODE = '''"""Lets `diffusers.DiffusionPipeline.from_pretrained(this_folder, trust_remote_code=True)` find onestep's class."""
-from onestep.pipelines import OneStepPipeline  # noqa: F401  (pip install onestep)
-'''
+REMOTE_CODE = Path(__file__).with_name("standalone_pipeline.py").read_text()  # written as pipeline.py on export
 MAX_STEPS = 4
 
 
@@ -32,18 +31,26 @@ class OneStepPipeline(DiffusionPipeline):
     Args:
         scheduler: the teacher's scheduler; only its config is used (to convert the network's output to x0).
         unet / transformer: the generator network (a distilled copy of the teacher's).
+        vae: latent teachers: decodes the generated latents (the teacher's VAE).
+        text_encoder(_2, _3) / tokenizer(_2, _3): text teachers: the teacher's encoders, used through the
+            teacher pipeline class `prompt_pipeline`'s own `encode_prompt`.
         sigma_init: the VE noise level the generator was trained at (stored in model_index.json).
     """
 
-    model_cpu_offload_seq = "transformer->unet"
-    _optional_components = ["unet", "transformer"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->unet->vae"
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                            "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
-    def __init__(self, scheduler, unet=None, transformer=None, sigma_init: float = 2.5):
+    def __init__(self, scheduler, unet=None, transformer=None, vae=None, text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 sigma_init: float = 2.5, prompt_pipeline: str | None = None):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("OneStepPipeline needs exactly one generator network: unet or transformer")
-        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer)
-        self.register_to_config(sigma_init=float(sigma_init))
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        self.register_to_config(sigma_init=float(sigma_init), prompt_pipeline=prompt_pipeline)
         self._card = None
 
     @property
@@ -52,29 +59,62 @@ class OneStepPipeline(DiffusionPipeline):
 
     @property
     def one_step_generator(self) -> OneStepGenerator:
-        return OneStepGenerator(denoiser_from_pretrained(self.network, self.scheduler), self.config.sigma_init)
+        """Built once per (network, scheduler): each new Denoiser adds a forward hook to the network, so building one
+        per call would pile up hooks in a long-running server (the demo)."""
+        key = (id(self.network), id(self.scheduler), self.config.sigma_init)
+        if getattr(self, "_generator_key", None) != key:
+            self._generator = OneStepGenerator(denoiser_from_pretrained(self.network, self.scheduler),
+                                               self.config.sigma_init)
+            self._generator_key = key
+        return self._generator
+
+    @property
+    def prompt_encoder(self):
+        """Encodes prompts with the teacher pipeline class's own `encode_prompt` (built once)."""
+        from ..conditioning import PromptEncoder
+
+        if self.config.get("prompt_pipeline") is None:
+            return None
+        if getattr(self, "_prompt_encoder", None) is None:
+            self._prompt_encoder = PromptEncoder.from_components(self.config.prompt_pipeline, self.components)
+        return self._prompt_encoder
 
     @classmethod
-    def from_generator(cls, generator: OneStepGenerator, scheduler, card: dict | None = None):
-        """Wrap a trained generator; `scheduler` is the teacher's diffusers scheduler (its config travels)."""
+    def from_generator(cls, generator: OneStepGenerator, scheduler, card: dict | None = None,
+                       edges: dict | None = None):
+        """Wrap a trained generator; `scheduler` is the teacher's diffusers scheduler (its config travels);
+        `edges` are the teacher's VAE / text components and `prompt_pipeline` name, for latent or text teachers."""
         model = generator.denoiser.model
         slot = "transformer" if hasattr(model, "transformer_blocks") else "unet"
-        pipe = cls(scheduler=scheduler, sigma_init=generator.sigma_init, **{slot: model})
+        pipe = cls(scheduler=scheduler, sigma_init=generator.sigma_init, **{slot: model}, **(edges or {}))
         pipe.card = dict(card or {})
         return pipe
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, generator=None,
-                 class_labels: torch.Tensor | list[int] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, **cond):
-        """Generate `batch_size` samples.
+    def __call__(self, batch_size: int | None = None, num_inference_steps: int = 1, generator=None,
+                 class_labels: torch.Tensor | list[int] | None = None, prompt: str | list[str] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, **cond):
+        """Generate `batch_size` samples (default: one per prompt, else 1).
 
         num_inference_steps: 1 (the distilled one-step map) up to 4 (re-noise and denoise with the same weights).
         class_labels: one label per sample for class-conditional generators (default: 0, 1, 2, ... cycling).
-        output_type: "pil" | "np" | "pt" (images in [0, 1]); "raw" returns the generator's output as is.
+        prompt: text teachers: one prompt, or one per sample.
+        output_type: "pil" | "np" | "pt" (images in [0, 1]); "raw" returns the generator's output as is (latents
+            for latent teachers).
         """
         if not 1 <= num_inference_steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be 1..{MAX_STEPS}, got {num_inference_steps}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        batch_size = batch_size or (len(prompts) if prompts else 1)
+        if self.prompt_encoder is not None:
+            if not prompts:
+                raise ValueError("this generator is text-conditional: pass prompt='...' (or a list, one per sample)")
+            prompts = prompts * batch_size if len(prompts) == 1 else prompts
+            if len(prompts) != batch_size:
+                raise ValueError(f"got {len(prompts)} prompts for batch_size {batch_size}: pass one, or one per sample")
+            cond.update(self.prompt_encoder(prompts, self.device)[0])
+        elif prompts:
+            raise ValueError("this generator takes no text (it was distilled from a teacher without a text encoder)")
         gen = self.one_step_generator
         shape = (batch_size, *gen.sample_shape)
         z = latents if latents is not None else randn_tensor(shape, generator=generator, device=self.device,
@@ -86,6 +126,10 @@ class OneStepPipeline(DiffusionPipeline):
             cond["class_labels"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
         noise_generator = generator[0] if isinstance(generator, list) else generator
         x = sample_few_step(gen, z, num_inference_steps, noise_generator=noise_generator, **cond)
+        if self.vae is not None and output_type != "raw":
+            from ..latents import LatentSpace
+
+            x = LatentSpace(self.vae).decode(x)
         if output_type == "raw" or x.dim() != 4:
             return ImagePipelineOutput(images=x) if return_dict else (x,)
         images = (x / 2 + 0.5).clamp(0, 1)
@@ -97,7 +141,7 @@ class OneStepPipeline(DiffusionPipeline):
                 out = self.numpy_to_pil(out)
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
-    # --- saving: weights + model card + the remote-code shim ------------------------------------------------------
+    # --- saving: weights + model card + the standalone remote code ------------------------------------------------
     def save_pretrained(self, save_directory, **kwargs):
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
@@ -115,19 +159,29 @@ class OneStepPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs):
         """Load a saved folder (or hub id) without running any code from it.
 
-        Components are imported only from diffusers/transformers/onestep (the `pipeline.py` shim is ignored here;
-        only plain `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` uses it).
+        Components are imported only from diffusers/transformers/onestep (the folder's `pipeline.py` is ignored
+        here; only plain `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` runs it).
         """
         path = str(pretrained_model_name_or_path)
         index = read_model_index(path)
+        saved_as = index.get("_class_name")
+        saved_as = saved_as[-1] if isinstance(saved_as, list) and saved_as else saved_as
+        if saved_as not in (None, cls.__name__):
+            raise ValueError(f"{path}: a {saved_as} folder, not a {cls.__name__} (model_index.json _class_name); "
+                             "pass the pipeline/ folder a onestep run exported (a teacher is distilled with "
+                             "`onestep train`, not sampled here)")
         components = {}
         for name, entry in index.items():
             if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
                 continue
             klass = import_trusted_class(entry, path)
             dtype = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
-            components[name] = klass.from_pretrained(path, subfolder=name, **dtype, **kwargs)
-        pipe = cls(**components, sigma_init=index.get("sigma_init", 2.5))
+            components[name] = load_component(klass, path, name, **dtype, **kwargs)
+        try:
+            pipe = cls(**components, sigma_init=index.get("sigma_init", 2.5),
+                       prompt_pipeline=index.get("prompt_pipeline"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a loadable {cls.__name__} ({err}); re-export it with onestep") from err
         pipe.register_to_config(_name_or_path=path)
         return pipe
 
@@ -161,6 +215,7 @@ tags: [onestep, one-step-diffusion, distillation]
 from onestep.pipelines import OneStepPipeline
 pipe = OneStepPipeline.from_pretrained("path/to/this/folder")
 images = pipe(batch_size=16, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
-# or, with onestep installed: diffusers.DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+# or without onestep (torch + diffusers only; runs this folder's pipeline.py):
+# diffusers.DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
 ```
 """

@@ -17,7 +17,54 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
+TMP_DIR = re.compile(r"^\.tmp_step_\d{7}_\d+$")
 STATE_FILE = "trainer_state.json"
+# Weight formats that are Python pickles: unpickling can run arbitrary code, so they are refused by name, unread.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickle(path) -> None:
+    """Raise a clear error if `path` names a pickle-format weights file (it is never opened)."""
+    suffix = Path(str(path)).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: {suffix} files are Python pickles, which can run code when loaded, so onestep "
+                         "never opens them; convert the weights to safetensors (load them where you trust the file, "
+                         "then save_pretrained(..., safe_serialization=True)) and pass that folder")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (None if it is). Reads the header only."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, too short for a safetensors file"
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            return "truncated (the header runs past the end of the file)"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (unreadable header)"
+    if size < 8 + header_len + end:
+        return f"truncated ({size} of {8 + header_len + end} bytes)"
+    return None
+
+
+def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """load_file with errors that name the file and the fix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing {what} file; {_EARLIER}")
+    problem = safetensors_problem(path)
+    if problem is None:
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # SafetensorError and friends
+            problem = str(err).splitlines()[0]
+    raise ValueError(f"{path}: corrupt {what} file ({problem}); {_EARLIER}")
+
+
+_EARLIER = "resume from an earlier checkpoint (--resume PATH/TO/step_XXXXXXX) or start fresh without --resume"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -33,20 +80,25 @@ def resolve_checkpoint(root: Path, which: str) -> Path:
     if which == "latest":
         found = checkpoint_dirs(root)
         if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {root}")
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {root}; run without --resume to start "
+                                    "fresh (or point output_dir at the run you want to continue)")
         return found[-1]
+    refuse_pickle(which)
     path = Path(which)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {which}: not a onestep checkpoint folder (no {STATE_FILE})")
+        raise FileNotFoundError(f"--resume {which}: not a onestep checkpoint folder (no {STATE_FILE}); pass a "
+                                f"{root}/step_XXXXXXX folder or 'latest'")
     return path
 
 
 def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], state: dict, keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():  # a save killed half-way leaves its temporary folder: never a checkpoint, drop it
+        if TMP_DIR.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
         tensors = _contiguous(module.state_dict())
@@ -58,6 +110,10 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
     optimizer_meta = {}
     for name, optimizer in optimizers.items():
         tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FloatingPointError(f"not saving step {step}: optimizer {name} has non-finite state ({bad[0]}, ...)")
         save_file(tensors, tmp / f"optimizer_{name}.safetensors")
         optimizer_meta[name] = meta
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizers": optimizer_meta}, indent=1))
@@ -67,20 +123,45 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
-    for old in checkpoint_dirs(root)[:-keep]:
+    # Retention never deletes the checkpoint just written, even when older runs left higher step numbers here.
+    others = [p for p in checkpoint_dirs(root) if p != final]
+    for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, counters, method, optimizer structure)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not a onestep checkpoint folder (no {STATE_FILE}); {_EARLIER}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / STATE_FILE}: corrupt ({err}); {_EARLIER}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path / STATE_FILE}: corrupt (no step count); {_EARLIER}")
+    return state
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer]) -> dict:
     """Load weights and optimizer states in place; returns the saved trainer state (step, counters)."""
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
+    fit = ("it was made with another teacher or network config: resume with the recipe that made it, or start "
+           "fresh without --resume")
     for name, module in modules.items():
-        module.load_state_dict(load_file(path / f"{name}.safetensors", device="cpu"))
+        tensors = load_safetensors(path / f"{name}.safetensors", f"{name} weights")
+        try:
+            module.load_state_dict(tensors)
+        except RuntimeError as err:
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ValueError(f"{path}: {name} weights do not fit this recipe's network ({detail}); {fit}") from err
     for name, optimizer in optimizers.items():
-        tensors = load_file(path / f"optimizer_{name}.safetensors", device="cpu")
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizers"][name]))
+        tensors = load_safetensors(path / f"optimizer_{name}.safetensors", f"optimizer {name}")
+        try:
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizers"][name]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"{path}: optimizer {name} state does not fit this recipe ({err}); {fit}") from err
     return state
 
 

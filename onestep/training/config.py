@@ -48,6 +48,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, gt=0)
     num_sample_images: int = Field(64, gt=0, le=1024)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _mixed_precision_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
 
 class EMAConfig(StrictModel):
     decay: float = Field(0.999, gt=0, lt=1)

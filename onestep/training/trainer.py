@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -62,25 +64,37 @@ class Trainer:
             mixed_precision=config.train.mixed_precision, log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         device = self.accelerator.device
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > self.accelerator.num_processes:
+            raise RuntimeError(f"{launched} processes were launched but accelerate set up {self.accelerator.num_processes}"
+                               " (they would train independently). On CPUs set ACCELERATE_USE_CPU=1 and launch with "
+                               "--multi_gpu (see recipes/accelerate/cpu_2proc.yaml)")
         torch.manual_seed(config.seed)  # identical initialisation of new networks on every process
 
-        self.data = load_dataset(config.data.name, config.data.resolution, config.data.num_samples, config.seed)
+        self.data = load_dataset(config.data.name, config.data.resolution, config.data.num_samples, config.seed,
+                                 channels=config.data.channels)
         method_cls = get_method(config.method.name)
-        self.teacher = None
+        self.teacher, self.latents, self.pixels, self.edges = None, None, self.data.x, {}
         if method_cls.needs_teacher:
             if not config.teacher:
                 raise ValueError(f"teacher: method {config.method.name!r} needs a teacher (a diffusers folder or "
                                  "hub id)")
-            self.teacher = load_teacher(config.teacher).to(device)
-            check_teacher_matches_data(self.teacher, self.data)
-        self.data.x = self.data.x.to(device)
+            self.teacher = self._prepare_teacher_and_data(config.teacher, device)
+        self.data.x = self.data.x.to(device) if self.data.x is not None else None
+        self.data.cond = {k: v.to(device) for k, v in (self.data.cond or {}).items()}
         if self.data.labels is not None:
             self.data.labels = self.data.labels.to(device)
-        self.method: Method = method_cls(config.method, self.teacher, self.data)
+        try:
+            self.method: Method = method_cls(config.method, self.teacher, self.data)
+        except (TypeError, AttributeError) as err:  # e.g. a model/scheduler config in the recipe with a wrong key
+            from .config import ConfigError
+
+            raise ConfigError(f"method: cannot build the {config.method.name} networks from the recipe ({err}); "
+                              "check the method's model/scheduler settings against the docs") from err
 
         nets = self.method.trainable()
         self.modules = {name: module.to(device) for name, (module, _) in nets.items()}
-        optimizers = {name: torch.optim.AdamW(module.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+        optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
                                               weight_decay=o.weight_decay)
                       for name, (module, o) in nets.items()}
         names = list(nets)
@@ -89,8 +103,9 @@ class Trainer:
         self.optimizers = dict(zip(names, prepared[len(names):]))
 
         ema_source = self.modules[method_cls.ema_network]
+        self.ema_mask = [p.requires_grad for p in ema_source.parameters()]  # frozen (LoRA base) weights never move
         self.ema_module = copy.deepcopy(ema_source).eval().requires_grad_(False)
-        self.ema = EMAModel(ema_source.parameters(), decay=config.ema.decay, use_ema_warmup=False)
+        self.ema = EMAModel(self._ema_params(ema_source), decay=config.ema.decay, use_ema_warmup=False)
         if not config.ema.warmup:
             self.ema.optimization_step = 10**9  # (1 + n)/(10 + n) ~ 1: the decay applies from step 0
         self.start_step, self.skipped_updates = 0, 0
@@ -101,6 +116,39 @@ class Trainer:
         self.fixed_noise, self.fixed_cond = self._fixed_inputs()
         if resume:
             self._resume(resume)
+
+    def _prepare_teacher_and_data(self, spec, device):
+        """Load the frozen teacher (dtype, offload, guidance) and bring the data into its space: images of a
+        latent teacher are encoded once, rows get the teacher's conditioning (labels or text embeddings)."""
+        from ..conditioning import PromptEncoder, row_conditioning
+        from ..denoisers import GuidedDenoiser, load_teacher
+        from ..latents import LatentSpace
+
+        teacher = load_teacher(spec.path).to(dtype=getattr(torch, spec.dtype))
+        if spec.cpu_offload and device.type != "cpu":
+            from accelerate import cpu_offload
+
+            cpu_offload(teacher.model, execution_device=device)
+        else:
+            teacher.to(device)
+        self.latents = LatentSpace.from_pretrained(spec.path)
+        if self.latents is not None:
+            self.latents.to(device)
+            if self.data.x is not None:
+                self.data.x = self.latents.encode(self.data.x.to(device)).cpu()
+        check_teacher_matches_data(teacher, self.data)
+        prompts = PromptEncoder.from_pretrained(spec.path, network=teacher.model)
+        self.data.cond, uncond = row_conditioning(self.data, teacher.num_classes, prompts, device)
+        if self.latents is not None:  # what the exported pipeline needs around the generator network
+            self.edges["vae"] = self.latents.vae
+        if prompts is not None:
+            self.edges.update(prompts.components, prompt_pipeline=type(prompts.pipeline).__name__)
+        if spec.guidance_scale != 1.0:
+            if uncond is None:
+                raise ValueError("teacher.guidance_scale needs a text-conditional teacher (its empty-prompt "
+                                 "embedding is the unconditional branch); set it to 1")
+            teacher = GuidedDenoiser(teacher, spec.guidance_scale, uncond)
+        return teacher
 
     # --- one update of one network (called by methods through the StepContext) ----------------------------------
     def apply_update(self, name: str, loss: torch.Tensor, step: int) -> None:
@@ -134,7 +182,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(self.config))
         acc.init_trackers("onestep", config={"method": self.config.method.name, "seed": self.config.seed})
-        num_classes = self.method.num_classes
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         t0 = time.time()
@@ -142,11 +189,11 @@ class Trainer:
         for step in bar:
             rng = step_generator(self.config.seed, step, acc.process_index, acc.device)
             indices = torch.randint(len(self.data), (cfg.batch_size,), generator=rng, device=acc.device)
-            batch = batch_from_data(self.data, indices, num_classes)
+            batch = batch_from_data(self.data, indices)
             self._last_grad_norms = {}
             with acc.autocast():
                 logs = self.method.step(batch, _Context(self, step, rng))
-            self.ema.step(self.modules[self.method.ema_network].parameters())
+            self.ema.step(self._ema_params(self.modules[self.method.ema_network]))
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 logs.update({f"grad_norm/{k}": v for k, v in self._last_grad_norms.items()})
@@ -171,40 +218,62 @@ class Trainer:
 
     # --- evaluation, samples, export ----------------------------------------------------------------------------
     def ema_network(self) -> torch.nn.Module:
-        self.ema.copy_to(self.ema_module.parameters())
+        self.ema.copy_to(self._ema_params(self.ema_module))
         return self.ema_module
+
+    def _ema_params(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p, trained in zip(module.parameters(), self.ema_mask) if trained]
 
     def save_sample_grid(self, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        samples = self.method.sample(self.ema_network(), self.fixed_noise, **self.fixed_cond)
-        save_samples(samples, self.out / "samples" / f"step_{step:07d}.png", reference=self.data.x,
+        samples = self.to_pixels(self.method.sample(self.ema_network(), self.fixed_noise, **self.fixed_cond))
+        save_samples(samples, self.out / "samples" / f"step_{step:07d}.png", reference=self.pixels,
                      title=f"step {step}")
 
+    def to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples in the teacher's space -> what a person (and FID) looks at: decoded images for latent teachers."""
+        return self.latents.decode(samples) if self.latents is not None else samples
+
     def evaluate(self) -> dict:
-        """Frechet distance of EMA samples to the dataset (images only; the extractor named in eval)."""
+        """Frechet distance of EMA samples to the dataset's images (the extractor named in eval); needs images."""
         if self.data.kind != "image" or not self.accelerator.is_main_process:
             return {}
         from ..eval import frechet_distance
 
-        n = self.config.eval.num_samples
         network = self.ema_network()
-        samples = generate(lambda noise, **cond: self.method.sample(network, noise, **cond), self.data, n,
-                           self.config.seed + 1, self.method.num_classes, self.accelerator.device)
-        fd = frechet_distance(samples, self.data.x.cpu(), feature_extractor=self.config.eval.feature_extractor)
+        samples = generate(lambda noise, **cond: self.to_pixels(self.method.sample(network, noise, **cond)),
+                           self.data, self.method.sample_shape, self.config.eval.num_samples, self.config.seed + 1,
+                           self.accelerator.device)
+        fd = frechet_distance(samples, self.pixels.cpu(), feature_extractor=self.config.eval.feature_extractor)
         return {"fid": fd}
 
     def export(self, result: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        card = {"teacher": self.config.teacher, "dataset": self.config.data.name, "steps": self.config.train.steps}
+        network = self.ema_network()
+        bad = [k for k, v in network.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not exporting: the EMA {self.method.ema_network} has non-finite weights "
+                                     f"({bad[0]}, ...); nothing was written. Resume from an earlier checkpoint with "
+                                     "a lower learning rate or train.grad_clip_norm set")
+        card = {"teacher": self.config.teacher.path if self.config.teacher else None, "dataset": self.config.data.name, "steps": self.config.train.steps}
         if "fid" in result:
             from ..eval import fid_protocol
 
             card["fid"] = result["fid"]
             card["fid_protocol"] = fid_protocol(self.config.eval.feature_extractor, self.config.eval.num_samples,
                                                 len(self.data), self.config.data.name, 1)
-        self.method.export(self.ema_network(), self.out / "pipeline", card)
+        # Written under a temporary name, then swapped in: a crash mid-export leaves the previous export intact.
+        final, tmp, old = (self.out / name for name in ("pipeline", f".tmp_pipeline_{os.getpid()}",
+                                                         f".old_pipeline_{os.getpid()}"))
+        for stale in [*self.out.glob(".tmp_pipeline_*"), *self.out.glob(".old_pipeline_*")]:  # from a killed export
+            shutil.rmtree(stale, ignore_errors=True)
+        self.method.export(network, tmp, card, self.edges)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
@@ -221,18 +290,21 @@ class Trainer:
 
     def _resume(self, which: str) -> None:
         path = ckpt.resolve_checkpoint(self.out / "checkpoints", which)
+        method = ckpt.read_state(path).get("method")
+        if method != self.config.method.name:
+            raise ValueError(f"{path}: checkpoint of method {method!r}, recipe says {self.config.method.name!r}; "
+                             "resume with the recipe that made it, or start fresh without --resume")
         modules = {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
         modules["ema"] = self.ema_module
         state = ckpt.load_checkpoint(path, modules, self.optimizers)
-        if state.get("method") != self.config.method.name:
-            raise ValueError(f"{path}: checkpoint of method {state.get('method')!r}, recipe says "
-                             f"{self.config.method.name!r}")
-        self.ema = EMAModel(self.ema_module.parameters(), decay=self.config.ema.decay, use_ema_warmup=False)
+        self.ema = EMAModel(self._ema_params(self.ema_module), decay=self.config.ema.decay, use_ema_warmup=False)
         self.ema.optimization_step = state["ema_optimization_step"]
         self.start_step, self.skipped_updates = state["step"], state["skipped_updates"]
         if self.accelerator.is_main_process and self.metrics_file.exists():  # drop rows logged after the checkpoint
-            rows = [r for r in self.metrics_file.read_text().splitlines() if r and json.loads(r)["step"] <= state["step"]]
-            self.metrics_file.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in self.metrics_file.read_text().splitlines() if _logged_step(r) <= state["step"]]
+            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, self.metrics_file)
 
     def _log(self, step: int, logs: dict) -> None:
         if not logs:
@@ -244,31 +316,51 @@ class Trainer:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
 
     def _fixed_inputs(self):
-        g = torch.Generator().manual_seed(1234)
+        """The noise and conditioning of every sample grid: the first rows of the data (digits cycle 0..9)."""
         n = self.config.train.num_sample_images
-        noise = torch.randn((n, *self.method.sample_shape), generator=g).to(self.accelerator.device)
-        num_classes = self.method.num_classes
-        cond = {"class_labels": (torch.arange(n) % num_classes).to(self.accelerator.device)} if num_classes else {}
-        return noise, cond
+        noise = torch.randn((n, *self.method.sample_shape), generator=torch.Generator().manual_seed(1234))
+        rows = torch.arange(n) % len(self.data)
+        return noise.to(self.accelerator.device), {k: v[rows.to(v.device)] for k, v in (self.data.cond or {}).items()}
 
 
 @torch.no_grad()
-def generate(sample_fn, data, n: int, seed: int, num_classes: int | None, device, batch_size: int = 250):
-    """n samples of `sample_fn(noise, **cond)`, labels drawn from the data's label distribution. The noise and labels
-    depend only on the seed, so two samplers called with the same seed see the same inputs."""
+def generate(sample_fn, data, sample_shape, n: int, seed: int, device, batch_size: int = 250) -> torch.Tensor:
+    """n samples of `sample_fn(noise, **cond)` with conditioning rows drawn at random from the data. The noise and
+    rows depend only on the seed, so two samplers called with the same seed see the same inputs."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        noise = torch.randn((b, *data.x.shape[1:]), generator=g).to(device)
-        cond = {}
-        if num_classes:
-            cond["class_labels"] = data.labels.cpu()[torch.randint(len(data), (b,), generator=g)].to(device)
+        noise = torch.randn((b, *sample_shape), generator=g).to(device)
+        rows = torch.randint(len(data), (b,), generator=g)
+        cond = {k: v[rows.to(v.device)].to(device) for k, v in (data.cond or {}).items()}
         out.append(sample_fn(noise, **cond).float().cpu())
     return torch.cat(out)
 
 
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl row; a row cut short by a crash sorts after every checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def check_teacher_matches_data(teacher, data) -> None:
-    if tuple(teacher.sample_shape) != tuple(data.x.shape[1:]):
-        raise ValueError(f"teacher samples have shape {tuple(teacher.sample_shape)} but dataset {data.name!r} has "
-                         f"{tuple(data.x.shape[1:])}: set data.resolution (and channels) to match the teacher")
+    if data.x is None:  # prompt-only data: nothing to compare
+        return
+    want, have = tuple(teacher.sample_shape), tuple(data.x.shape[1:])
+    if want != have:
+        fixes = []
+        if len(want) == len(have) == 3:
+            if want[0] != have[0]:
+                fixes.append(f"data.channels: {want[0]}")
+            if want[1:] != have[1:]:
+                fixes.append(f"data.resolution: {want[-1]}")
+        fix = f"set {' and '.join(fixes)}" if fixes else "use a dataset of the teacher's kind (images vs points)"
+        raise ValueError(f"teacher samples have shape {want} but dataset {data.name!r} has {have}; {fix} to match "
+                         "the teacher")
+    if teacher.num_classes and data.labels is None:
+        raise ValueError(f"the teacher is class-conditional ({teacher.num_classes} classes) but dataset "
+                         f"{data.name!r} has no labels; use a labelled dataset (digits, shapes) or an unconditional "
+                         "teacher")

@@ -1,0 +1,383 @@
+"""Gradio demo over any exported onestep pipeline folder.
+
+    python demo/app.py [PIPELINE_DIR] [--host 127.0.0.1] [--port 7860]
+    onestep demo [PIPELINE_DIR]
+
+PIPELINE_DIR defaults to the shipped assets/pipelines/digits16, else the quickstart's runs/quickstart/pipeline.
+The app binds to 127.0.0.1 unless told otherwise, never opens a share link, and turns Gradio's analytics off, so it
+makes no outbound connection. What it shows depends on what the pipeline has:
+
+* a class-label dropdown for class-conditional generators (`num_class_embeds`), a prompt box if `pipe(...)` takes
+  `prompt`; seed, number of images (capped per request), steps 1-4;
+* the hallucination filter (onestep.sampling.hallucination's one-step probe): 25% extra candidates are generated
+  and the ones with the highest score dropped; every image's score is shown in its caption;
+* the teacher's 50-step sample of the same noise and labels, side by side, when the model card's `teacher` is a
+  loadable local diffusers folder (about 50x slower, so it is an option);
+* OMS on/off + OMS prompt when `pipe.oms` is set, a control-image upload when `pipe.nct` is set; the app passes
+  them to the pipeline as `pipe(..., oms=bool, oms_prompt=str)` and `pipe(..., control_image=PIL.Image)`;
+* latency per image, and the model card's facts (teacher, method, NFE, FID and how it was measured).
+
+The Generate endpoint is also an API (`gradio_client.Client(url).predict(..., api_name="/generate")`). Requests go
+through a queue with a concurrency limit, so the page stays responsive when many arrive at once; invalid inputs
+get a one-line message, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no phoning home
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from onestep.denoisers import load_teacher  # noqa: E402
+from onestep.pipelines import OneStepPipeline  # noqa: E402
+from onestep.pipelines.onestep import MAX_STEPS  # noqa: E402
+from onestep.resources import ASSETS, REPO_ROOT  # noqa: E402
+from onestep.sampling.hallucination import HalFilter, last_k_sigmas, probe_scores  # noqa: E402
+from onestep.sampling.samplers import sample_euler, teacher_sigmas  # noqa: E402
+
+log = logging.getLogger("onestep.demo")
+
+DEFAULT_PIPELINES = (ASSETS / "pipelines" / "digits16", Path("runs/quickstart/pipeline"),
+                     REPO_ROOT / "runs" / "quickstart" / "pipeline")
+MAX_IMAGES = 16          # per request: keeps one request from holding a worker for long
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 500
+CONTROL_SIDE = (8, 2048)  # accepted control-image width/height, pixels
+TEACHER_STEPS = 50
+HAL_EXTRA = 0.25          # filter on: generate 25% more candidates, keep the lowest-scoring
+HAL_PROBE_SIGMAS = (0.3, 0.2, 0.1, 0.05)  # probe levels (VE sigma, data in [-1, 1]) for non-DDPM schedulers
+ALL_CLASSES = "all"
+GALLERY = dict(columns=4, height="auto", object_fit="contain", format="png")  # png: lossless, exact pixel size
+CSS = "#student-gallery img, #teacher-gallery img { image-rendering: pixelated; }"
+
+
+def find_pipeline(path: str | os.PathLike | None = None) -> Path:
+    """The folder to serve: the one given, else the shipped one, else the quickstart's output."""
+    candidates = [Path(path)] if path else DEFAULT_PIPELINES
+    for candidate in candidates:
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    if path:
+        raise FileNotFoundError(f"{path}: not an exported onestep pipeline folder (no model_index.json)")
+    raise FileNotFoundError("no pipeline to serve: pass a folder, or create one with `onestep quickstart` "
+                            f"(looked in {', '.join(str(c) for c in candidates)})")
+
+
+def find_teacher(card: dict, pipeline_dir: Path):
+    """The teacher Denoiser named by the model card, if it is a local diffusers folder that loads; else None."""
+    name = card.get("teacher")
+    if not isinstance(name, str):
+        return None
+    for candidate in (Path(name), REPO_ROOT / name, pipeline_dir / name):
+        if (candidate / "model_index.json").is_file():
+            try:
+                return load_teacher(str(candidate))
+            except Exception as err:  # a broken teacher only hides the comparison, never the demo
+                log.warning("teacher %s does not load (%s); side-by-side comparison disabled", candidate, err)
+                return None
+    return None
+
+
+@dataclass
+class Capabilities:
+    """What the loaded pipeline offers; the UI and the API show exactly these controls."""
+
+    num_classes: int | None
+    max_steps: int
+    prompt: bool
+    oms: bool
+    control: bool
+    teacher: bool
+
+    @classmethod
+    def of(cls, pipe, teacher) -> "Capabilities":
+        return cls(num_classes=pipe.one_step_generator.denoiser.num_classes, max_steps=MAX_STEPS,
+                   prompt="prompt" in inspect.signature(pipe.__call__).parameters,
+                   oms=getattr(pipe, "oms", None) is not None, control=getattr(pipe, "nct", None) is not None,
+                   teacher=teacher is not None)
+
+
+@dataclass
+class Request:
+    """One Generate click; `parse` builds it from the controls' values with every field checked."""
+
+    seed: int = 0
+    num_images: int = 8
+    steps: int = 1
+    class_label: str = ALL_CLASSES
+    hal_filter: bool = False
+    compare_teacher: bool = False
+    prompt: str | None = None
+    oms: bool = False
+    oms_prompt: str | None = None
+    control_image: Image.Image | None = None
+
+    @classmethod
+    def parse(cls, values: dict, caps: Capabilities, max_images: int = MAX_IMAGES) -> "Request":
+        """Check ranges and types; raise ValueError with a message a user can act on."""
+        req = cls(**values)
+        req.seed = _integer("seed", req.seed, 0, MAX_SEED)
+        req.num_images = _integer("number of images", req.num_images, 1, max_images)
+        req.steps = _integer("steps", req.steps, 1, caps.max_steps)
+        if caps.num_classes and req.class_label != ALL_CLASSES:
+            req.class_label = str(_integer("class label", req.class_label, 0, caps.num_classes - 1))
+        if req.compare_teacher and not caps.teacher:
+            raise ValueError("this pipeline carries no loadable teacher to compare with")
+        if caps.prompt:
+            req.prompt = _text("prompt", req.prompt, required=True)
+        if req.oms:
+            req.oms_prompt = _text("OMS prompt", req.oms_prompt, required=False)
+        if caps.control:
+            check_control_image(req.control_image)
+        return req
+
+    def labels(self, n: int, num_classes: int | None) -> torch.Tensor | None:
+        if not num_classes:
+            return None
+        if self.class_label == ALL_CLASSES:
+            return torch.arange(n) % num_classes
+        return torch.full((n,), int(self.class_label))
+
+    def pipeline_kwargs(self, caps: Capabilities) -> dict:
+        """Inputs for the optional modules, only those the pipeline has."""
+        kwargs = {"prompt": self.prompt} if caps.prompt else {}
+        if caps.oms:
+            kwargs.update(oms=self.oms, oms_prompt=self.oms_prompt)
+        if caps.control:
+            kwargs["control_image"] = self.control_image
+        return kwargs
+
+
+def _integer(name: str, value, lo: int, hi: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}") from None
+    if not number.is_integer() or not lo <= number <= hi:
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}")
+    return int(number)
+
+
+def _text(name: str, value, required: bool) -> str:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {type(value).__name__}")
+    text = (value or "").strip()
+    if required and not text:
+        raise ValueError(f"{name} is empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    return text
+
+
+def check_control_image(image) -> None:
+    """A control image must be a decoded image (Gradio hands over PIL) of sensible size."""
+    if image is None:
+        raise ValueError("upload a control image (PNG or JPEG)")
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"the control image must be a PNG or JPEG picture, got {type(image).__name__}")
+    lo, hi = CONTROL_SIDE
+    if not (lo <= image.width <= hi and lo <= image.height <= hi):
+        raise ValueError(f"the control image is {image.width}x{image.height}; width and height must be {lo}..{hi}")
+
+
+@dataclass
+class Result:
+    """What one request shows: captioned student images, the latency line, the teacher's images (if asked)."""
+
+    images: list[tuple[Image.Image, str]]
+    latency: str
+    teacher_images: list[tuple[Image.Image, str]] = field(default_factory=list)
+
+
+class Demo:
+    """The model side of the app: a loaded pipeline, its optional teacher, and one method per request."""
+
+    def __init__(self, pipeline_dir: str | os.PathLike | None = None, max_images: int = MAX_IMAGES):
+        self.pipeline_dir = find_pipeline(pipeline_dir)
+        self.pipe = OneStepPipeline.from_pretrained(self.pipeline_dir)
+        if len(self.pipe.one_step_generator.sample_shape) != 3:
+            raise ValueError(f"{self.pipeline_dir}: this generator makes {self.pipe.one_step_generator.sample_shape} "
+                             "vectors, not images; the demo shows image generators (try `onestep sample`)")
+        self.card = self.pipe.card
+        self.teacher = find_teacher(self.card, self.pipeline_dir)
+        self.caps = Capabilities.of(self.pipe, self.teacher)
+        self.max_images = max_images
+
+    def generate(self, req: Request) -> Result:
+        gen = self.pipe.one_step_generator
+        n = req.num_images + (math.ceil(req.num_images * HAL_EXTRA) if req.hal_filter else 0)
+        rng = torch.Generator().manual_seed(req.seed)
+        z = randn_tensor((n, *gen.sample_shape), generator=rng, dtype=torch.float32)  # as pipe(generator=seed) draws
+        labels = req.labels(n, self.caps.num_classes)
+        start = time.perf_counter()
+        x = self.pipe(batch_size=n, num_inference_steps=req.steps, generator=rng, class_labels=labels, latents=z,
+                      output_type="raw", **req.pipeline_kwargs(self.caps)).images
+        seconds = time.perf_counter() - start
+        captions = _captions(labels, n)
+        keep, note = torch.arange(n), ""
+        if req.hal_filter:
+            keep, scores, note = self.hal_filter(x, labels, req)
+            captions = [" · ".join(filter(None, (c, f"{s:.1e}"))) for c, s in zip(captions, scores.tolist())]
+        images = list(zip(_to_pil(x[keep]), [captions[i] for i in keep]))
+        latency = (f"**{1000 * seconds / n:.1f} ms per image** ({n} image(s) in {1000 * seconds:.0f} ms, "
+                   f"{req.steps} step(s), seed {req.seed}){note}")
+        teacher_images = []
+        if req.compare_teacher:
+            teacher_images, teacher_s = self.teacher_samples(z[keep], None if labels is None else labels[keep])
+            latency += f" · teacher: {1000 * teacher_s / len(keep):.0f} ms per image ({TEACHER_STEPS} steps)"
+        return Result(images, latency, teacher_images)
+
+    def hal_filter(self, x: torch.Tensor, labels, req: Request):
+        """Score every candidate with the one-step probe and keep the lowest. The probe denoises with the teacher
+        when there is one (as bench/hallucination_toy.py does), else with the generator's own denoiser."""
+        denoiser = self.teacher if self.teacher is not None else self.pipe.one_step_generator.denoiser
+        cond = {} if labels is None else {"class_labels": labels}
+        with torch.no_grad():
+            scores = probe_scores(x, lambda xs, sigma: denoiser(xs, sigma, **cond), probe_levels(denoiser.scheduler),
+                                  generator=torch.Generator().manual_seed(req.seed))
+        keep, _ = HalFilter(keep_n=req.num_images)(scores)
+        dropped = sorted(set(range(len(x))) - set(keep.tolist()))
+        note = (f" · hallucination filter: kept the {len(keep)} lowest of {len(x)}, dropped hal "
+                + ", ".join(f"{scores[i]:.1e}" for i in dropped))
+        return keep, scores, note
+
+    def teacher_samples(self, z: torch.Tensor, labels):
+        """The teacher's deterministic multi-step sample (Euler = DDIM for VP teachers) from the same noise."""
+        cond = {} if labels is None else {"class_labels": labels}
+        start = time.perf_counter()
+        x = sample_euler(self.teacher, z, teacher_sigmas(self.teacher.schedule, TEACHER_STEPS), **cond)
+        seconds = time.perf_counter() - start
+        return list(zip(_to_pil(x), _captions(labels, len(z)))), seconds
+
+    def card_markdown(self) -> str:
+        card = self.card
+        fid = card.get("fid")
+        fid_text = f"{fid:.2f}" if isinstance(fid, (int, float)) else "not measured"
+        rows = [("teacher", card.get("teacher", "unknown")), ("method", card.get("method", "unknown")),
+                ("NFE", card.get("nfe", 1)), ("FID", fid_text), ("FID protocol", card.get("fid_protocol", "-"))]
+        facts = "\n".join(f"- **{k}**: {v}" for k, v in rows)
+        return f"**Model card** (`{self.pipeline_dir}`)\n\n{facts}"
+
+
+def probe_levels(scheduler) -> list[float]:
+    """The hallucination module's default probe levels (the paper's last-10-steps window) for DDPM-style
+    schedulers; fixed small levels for flow-matching and EDM ones, which have no alphas_cumprod."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    return last_k_sigmas(alphas_cumprod, 10) if alphas_cumprod is not None else list(HAL_PROBE_SIGMAS)
+
+
+def _captions(labels, n: int) -> list[str]:
+    """Short enough for a gallery thumbnail: the class label (if any); the filter appends the score."""
+    return [str(int(c)) for c in labels] if labels is not None else [""] * n
+
+
+def _to_pil(x: torch.Tensor) -> list[Image.Image]:
+    images = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return OneStepPipeline.numpy_to_pil(images)
+
+
+def create_demo(demo: Demo, concurrency: int = 2, max_queue: int = 128) -> gr.Blocks:
+    """The Blocks app: controls on the left, student (and teacher) galleries on the right, one /generate API."""
+    caps = demo.caps
+    with gr.Blocks(title="onestep demo") as blocks:
+        gr.Markdown(f"## onestep — one-step generator · {demo.card.get('dataset') or demo.pipeline_dir.name}\n"
+                    "A distilled generator makes each image in one network evaluation (or 2-4 with re-noising).")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                inputs = _controls(caps, demo.max_images)
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                gr.Markdown(demo.card_markdown(), elem_id="card")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    student = gr.Gallery(label="one-step student (caption: class · hallucination score)",
+                                         elem_id="student-gallery", **GALLERY)
+                    teacher = gr.Gallery(label=f"teacher, {TEACHER_STEPS} steps, same noise",
+                                         elem_id="teacher-gallery", visible=caps.teacher, **GALLERY)
+                latency = gr.Markdown("Press **Generate**.", label="latency", elem_id="latency")
+        outputs = [student, latency] + ([teacher] if caps.teacher else [])
+        button.click(_endpoint(demo, list(inputs)), list(inputs.values()), outputs, api_name="generate")
+    blocks.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return blocks
+
+
+def _controls(caps: Capabilities, max_images: int) -> dict:
+    """Only the controls the pipeline can use, keyed by the Request field they fill (the API's parameter names)."""
+    controls = {}
+    if caps.prompt:
+        controls["prompt"] = gr.Textbox(label="prompt", max_length=MAX_PROMPT_CHARS)
+    if caps.num_classes:
+        choices = [("all classes, in turn", ALL_CLASSES)] + [(str(i), str(i)) for i in range(caps.num_classes)]
+        controls["class_label"] = gr.Dropdown(choices, value=ALL_CLASSES, label="class label", elem_id="class-label")
+    controls["seed"] = gr.Number(value=0, precision=0, label=f"seed (0..{MAX_SEED})", elem_id="seed")
+    controls["num_images"] = gr.Slider(1, max_images, value=8, step=1, label="number of images",
+                                       elem_id="num-images")
+    if caps.max_steps > 1:
+        controls["steps"] = gr.Slider(1, caps.max_steps, value=1, step=1, label="steps (network evaluations)",
+                                      elem_id="steps")
+    controls["hal_filter"] = gr.Checkbox(label="hallucination filter (score shown under each image)",
+                                         elem_id="hal-filter")
+    if caps.teacher:
+        controls["compare_teacher"] = gr.Checkbox(label=f"compare with the teacher ({TEACHER_STEPS} steps, slow)",
+                                                  elem_id="compare-teacher")
+    if caps.oms:
+        controls["oms"] = gr.Checkbox(label="OMS", value=True)
+        controls["oms_prompt"] = gr.Textbox(label="OMS prompt", max_length=MAX_PROMPT_CHARS)
+    if caps.control:
+        controls["control_image"] = gr.Image(label="control image (PNG/JPEG)", type="pil",
+                                             sources=["upload", "clipboard"])
+    return controls
+
+
+def _endpoint(demo: Demo, names: list[str]):
+    """The click handler, with a signature naming the controls, so the API's parameters are named too."""
+    def generate(*values):
+        try:
+            req = Request.parse(dict(zip(names, values)), demo.caps, demo.max_images)
+            result = demo.generate(req)
+        except ValueError as err:  # bad input (ours or the pipeline's): one readable line to the user
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:  # anything else: the user sees its name, the server log the traceback
+            log.exception("generate failed")
+            raise gr.Error(f"generation failed ({type(err).__name__}); see the server log") from None
+        return (result.images, result.latency) + ((result.teacher_images,) if demo.caps.teacher else ())
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    generate.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names])
+    return generate
+
+
+def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **kwargs):
+    """Serve locally: no share link, no server-side rendering (it needs node), 5 MB upload cap. show_error: an
+    input Gradio itself cannot parse (text for a number) reaches the user as Gradio's one-line reason."""
+    return blocks.launch(server_name=host, server_port=port, share=False, ssr_mode=False, max_file_size="5mb",
+                         show_error=True, css=CSS, **kwargs)
+
+
+def run(args: argparse.Namespace) -> None:
+    """`onestep demo` (options in onestep/cli.py): load, build, serve until Ctrl-C."""
+    start = time.perf_counter()
+    demo = Demo(args.pipeline, max_images=args.max_images)
+    blocks = create_demo(demo, concurrency=args.concurrency)
+    print(f"onestep demo: {demo.pipeline_dir} loaded in {time.perf_counter() - start:.1f} s "
+          f"(teacher comparison: {'on' if demo.teacher else 'off'})", flush=True)
+    launch(blocks, args.host, args.port)
+
+
+if __name__ == "__main__":  # `python demo/app.py ARGS` is `onestep demo ARGS`
+    from onestep.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -1,0 +1,2 @@
+"""Samplers and sample filters. The hallucination filter lives in `onestep.sampling.hallucination`; its toy
+reproduction kit in `onestep.sampling.toy`."""

@@ -1,0 +1,229 @@
+"""Every bad input is refused in one clear line: the corpus in tests/bad_inputs/ (one case per file, see its README).
+
+Each case runs the real CLI (`onestep.cli.main`, in-process for speed; a few also as `python -m onestep` subprocesses
+to prove exit codes and stderr end to end) and must: exit non-zero; print exactly one line on stderr, starting
+`onestep <cmd>: error:` and matching the case's `problem` and `fix`; show no traceback (unless --debug); leave every
+pre-existing file of its working folder unchanged; and never unpickle anything (torch.load is booby-trapped, and the
+corpus's pickles would create $CASE/PWNED if they were ever loaded).
+"""
+import copy
+import hashlib
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from onestep.cli import main
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+CASES = sorted(CORPUS.glob("*.yaml"))
+SUBPROCESS_CASES = ["yaml_unclosed_brace", "teacher_bin_weights_only"]
+BASE_RECIPE = {
+    "seed": 0, "output_dir": "$CASE/out", "teacher": "$CASE/teacher", "data": {"name": "digits", "resolution": 8},
+    "method": {"name": "uni_instruct", "loss": "sid", "gan_weight": 0.01},
+    "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 1, "sample_every": 1000, "log_every": 1,
+              "num_sample_images": 4, "keep_checkpoints": 10},
+    "eval": {"enabled": False}}
+
+
+class Unpickled:
+    """If this is ever unpickled, it creates PWNED next to itself: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --- shared fixtures: a finished tiny run (checkpoints + exported pipeline), a points pipeline, a sampling job -----
+@pytest.fixture(scope="module")
+def sources(tiny_teacher_dir, tmp_path_factory):
+    from conftest import tiny_run_config
+    from diffusers import EDMEulerScheduler
+
+    from onestep.denoisers import MLPModel, denoiser_from_pretrained
+    from onestep.generators import OneStepGenerator
+    from onestep.pipelines import OneStepPipeline
+    from onestep.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("bad_input_sources")
+    method = {k: v for k, v in BASE_RECIPE["method"].items() if k != "name"}
+    config = tiny_run_config(tiny_teacher_dir, root / "run", steps=2, **method)
+    config.train.checkpoint_every = 1
+    Trainer(config).train()
+    points = OneStepPipeline.from_generator(
+        OneStepGenerator(denoiser_from_pretrained(MLPModel(dim=2, hidden=16, depth=2), EDMEulerScheduler()), 2.5),
+        EDMEulerScheduler())
+    points.save_pretrained(root / "points_pipeline")
+    assert main(["sample", str(root / "run" / "pipeline"), "-n", "4", "--out", str(root / "sample_job")]) == 0
+    from tiny_teachers import stable_diffusion
+
+    return {"teacher": Path(tiny_teacher_dir), "run": root / "run", "pipeline": root / "run" / "pipeline",
+            "points_pipeline": root / "points_pipeline", "sample_job": root / "sample_job",
+            "sd_teacher": Path(stable_diffusion(root / "sd_teacher"))}
+
+
+# --- building a case's working folder -----------------------------------------------------------------------------
+def _subst(value, case: Path):
+    if isinstance(value, str):
+        return value.replace("$CASE", str(case))
+    if isinstance(value, dict):
+        return {k: _subst(v, case) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_subst(v, case) for v in value]
+    return value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _png(path: Path, size, truncated=False):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(path)
+    if truncated:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+def _build(name: str, spec, case: Path, sources: dict) -> None:
+    path = case / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(spec, str):
+        path.write_text(_subst(spec, case))
+    elif "copy" in spec:
+        shutil.copytree(sources[spec["copy"]], path)
+        for rel in spec.get("delete", []):
+            target = path / rel
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        for rel in spec.get("truncate", []):
+            data = (path / rel).read_bytes()
+            (path / rel).write_bytes(data[: len(data) // 2])
+        for rel, text in spec.get("write", {}).items():
+            (path / rel).write_bytes(text.encode("latin-1"))
+        for rel, keys in spec.get("json", {}).items():
+            (path / rel).write_text(json.dumps(_merge(json.loads((path / rel).read_text()), keys)))
+        for rel in spec.get("evil_pickle", []):
+            (path / rel).write_bytes(pickle.dumps(Unpickled(case / "PWNED")))
+        for src, dst in spec.get("rename", {}).items():
+            os.replace(path / src, path / dst)
+        for src, dst in spec.get("duplicate", {}).items():
+            shutil.copyfile(path / src, path / dst)
+    elif "recipe" in spec:
+        path.write_text(yaml.safe_dump(_subst(_merge(BASE_RECIPE, spec["recipe"]), case), sort_keys=False))
+    elif "bytes" in spec:
+        path.write_bytes(bytes.fromhex(spec["bytes"]))
+    elif "png" in spec:
+        _png(path, spec["png"])
+    elif "png_truncated" in spec:
+        _png(path, spec["png_truncated"], truncated=True)
+    elif "evil_pickle" in spec:
+        path.write_bytes(pickle.dumps(Unpickled(case / "PWNED")))
+    elif "dir" in spec:
+        path.mkdir()
+    else:
+        raise AssertionError(f"unknown file spec {spec!r}")
+
+
+def _prepare(case_file: Path, root: Path, sources: dict):
+    spec = yaml.safe_load(case_file.read_text())
+    case = root / case_file.stem.split("_", 1)[1]
+    case.mkdir()
+    files = spec.get("files") or {}
+    for name, file_spec in files.items():
+        _build(name, file_spec, case, sources)
+    recipe = files.get("recipe.yaml")
+    if isinstance(recipe, dict) and "recipe" in recipe and "teacher" not in files:
+        shutil.copytree(sources["teacher"], case / "teacher")  # every input a case reads lives in its folder
+    argv = shlex.split(_subst(spec["command"], case))
+    return spec, case, argv
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check(spec, case: Path, before: dict, rc, stderr: str, command: str):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc not in (0, None), f"exit status {rc}; stderr: {stderr}"
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    line = lines[0]
+    assert "Traceback" not in stderr
+    assert line.startswith(f"onestep {command}: error: "), line
+    assert re.search(spec["problem"], line), f"problem /{spec['problem']}/ not named in: {line}"
+    assert re.search(spec["fix"], line), f"fix /{spec['fix']}/ not named in: {line}"
+    after = _snapshot(case)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+    assert not (case / "PWNED").exists(), "a pickle was unpickled"
+
+
+def _never_unpickle(*args, **kwargs):
+    raise AssertionError("torch.load was called on a bad input: pickles must be refused unread")
+
+
+def test_the_corpus_is_big_enough():
+    assert len(CASES) >= 30
+    assert {re.sub(r"^\d+_", "", p.stem) for p in CASES} >= set(SUBPROCESS_CASES)
+
+
+@pytest.mark.parametrize("case_file", CASES, ids=lambda p: p.stem)
+def test_bad_input_is_refused_in_one_clear_line(case_file, sources, tmp_path, capfd, monkeypatch):
+    spec, case, argv = _prepare(case_file, tmp_path, sources)
+    before = _snapshot(case)
+    monkeypatch.setattr(torch, "load", _never_unpickle)
+    monkeypatch.chdir(case)
+    capfd.readouterr()
+    rc = main(argv)
+    _, err = capfd.readouterr()
+    _check(spec, case, before, rc, err, argv[0])
+
+
+def test_debug_shows_the_traceback(sources, tmp_path):
+    spec, case, argv = _prepare(CORPUS / "49_teacher_weights_truncated.yaml", tmp_path, sources)
+    with pytest.raises(ValueError, match=spec["problem"]):
+        main(["--debug", *argv])
+
+
+def test_exit_status_and_stderr_end_to_end(sources, tmp_path):
+    """The same cases through `python -m onestep` in fresh processes (run concurrently), plus one with --debug."""
+    by_name = {re.sub(r"^\d+_", "", p.stem): p for p in CASES}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = []
+    for name in SUBPROCESS_CASES:
+        spec, case, argv = _prepare(by_name[name], tmp_path, sources)
+        proc = subprocess.Popen([sys.executable, "-m", "onestep", *argv], cwd=case, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        runs.append((spec, case, _snapshot(case), argv[0], proc))
+    debug_root = tmp_path / "debug"
+    debug_root.mkdir()
+    _, debug_case, debug_argv = _prepare(by_name[SUBPROCESS_CASES[0]], debug_root, sources)
+    debug = subprocess.Popen([sys.executable, "-m", "onestep", "--debug", *debug_argv], cwd=debug_case, env=env,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for spec, case, before, command, proc in runs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2
+        _check(spec, case, before, proc.returncode, err, command)
+    _, err = debug.communicate(timeout=300)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in err
