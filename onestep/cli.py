@@ -13,6 +13,7 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png
+  onestep fid runs/quickstart/pipeline onestep:digits -n 1000 --seed 1    its FID (= the quickstart's student_fid)
   onestep demo runs/quickstart/pipeline         a Gradio app on http://127.0.0.1:7860 (pip install -e ".[demo]")
 
 Run `onestep COMMAND --help` for the options of a command."""
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_pretrain(sub)
     _add_quickstart(sub)
     _add_sample(sub)
+    _add_fid(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             print("onestep sample: interrupted (finished files are complete; rerun the same command to write the "
                   "rest)", file=sys.stderr)
+        elif args.command == "fid":
+            print("onestep fid: interrupted (nothing was measured; cached reference statistics are complete)",
+                  file=sys.stderr)
         else:
             print("onestep: interrupted (the last checkpoint is intact; continue with --resume latest)",
                   file=sys.stderr)
@@ -208,6 +213,72 @@ def _run_sample(args):
              output_type="raw").images
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+# --- fid --------------------------------------------------------------------------------------------------------
+def _add_fid(sub):
+    p = sub.add_parser("fid", help="FID (and KID, precision/recall, IS) with its protocol, through torch-fidelity",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        Frechet distance between two image sets, computed by torch-fidelity; optionally KID, precision/recall and
+        Inception Score. Each INPUT is one of (first match wins):
+          onestep:<dataset>   an embedded onestep dataset, all rows: onestep:digits, onestep:shapes, onestep:folder:DIR
+          PIPELINE_DIR        an exported pipeline (has model_index.json): -n images are generated on the fly
+          IMAGE_DIR           the .png/.jpg/.jpeg files directly in a folder
+          NAME                a torch-fidelity dataset: cifar10-train, cifar10-val, stl10-train, ... (downloaded once)
+        Examples:
+          onestep fid runs/quickstart/pipeline onestep:digits -n 1000 --seed 1
+              = the quickstart's student_fid (training evaluation: seed = recipe seed + 1, eval.num_samples samples)
+          onestep fid PIPELINE cifar10-train                       standard: Inception-v3, 50k samples, uint8
+          onestep fid PIPELINE cifar10-train --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
+          onestep fid my_samples/ reference_images/ --kid --prc --isc --json
+          accelerate launch -m onestep fid PIPELINE cifar10-train  generation split over processes, same result
+        Extractor: inception-v3-compat (torch-fidelity's TF-compatible Inception: the published-FID protocol), but
+        onestep-digits when an input is onestep:<dataset> (the project's offline extractor, the quickstart's; its
+        numbers are NOT comparable with published FIDs). Inception weights come from torch-fidelity's cache
+        ($TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth, downloaded on first use) or from
+        --inception-weights PATH; that file is unpickled (torch.load(weights_only=False)): pass only files you trust.
+        Sampling: a pipeline's samples are the same for any number of processes.
+          --sampling index    (default) sample i from (seed, i), label i mod classes: the PNGs that
+                              `onestep sample PIPELINE -n N --out DIR` writes at the same --seed and --batch-size
+          --sampling trainer  (default against onestep:<dataset>) the training evaluation's noise and labels
+                              (labels of random dataset rows, batches of 250)
+        Reference features/statistics are cached in --cache-dir (default ~/.cache/onestep/fid) under a name holding
+        the input, its size and content fingerprint, the extractor and its weights' fingerprint. Every result comes
+        with its protocol (library + version, extractor, samples per side, reference, resize rule, NFE); --json
+        prints {"fid": ..., "kid_mean": ..., "protocol": {...}, "protocol_text": "..."}."""))
+    p.add_argument("input1", help="generated side: pipeline folder, image folder, dataset name or onestep:<dataset>")
+    p.add_argument("input2", help="reference side (same kinds), e.g. onestep:digits or cifar10-train")
+    p.add_argument("-n", "--num-samples", type=int, default=50_000,
+                   help="images generated per pipeline input (default 50000, the standard)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (training evaluation: recipe seed + 1)")
+    p.add_argument("--steps", type=int, default=1, help="network evaluations per sample, 1..4 (the NFE)")
+    p.add_argument("--sampling", choices=["index", "trainer"], default=None,
+                   help="how noise and labels are drawn (default: trainer vs onestep:<dataset>, else index)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per network and extractor call (default 64; trainer sampling: 250, fixed)")
+    p.add_argument("--extractor", default=None, metavar="NAME",
+                   help="torch-fidelity feature extractor (default inception-v3-compat, or onestep-digits vs "
+                        "onestep:<dataset>)")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="a trusted local copy of torch-fidelity's Inception weights (.pth, unpickled)")
+    p.add_argument("--kid", action="store_true", help="also Kernel Inception Distance (100 subsets of <= 1000)")
+    p.add_argument("--prc", action="store_true", help="also precision/recall (3-NN manifolds, same extractor)")
+    p.add_argument("--isc", action="store_true", help="also the Inception Score of input1")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size of onestep:<dataset> inputs (default: the pipeline's, else the dataset's)")
+    p.add_argument("--cache-dir", default=None, help="reference cache folder (default ~/.cache/onestep/fid)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    p.add_argument("--datasets-root", default=None,
+                   help="where torch-fidelity keeps its datasets (default $TORCH_HOME/fidelity_datasets)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (numbers + protocol) instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(run=_run_fid)
+
+
+def _run_fid(args):
+    from .eval.fid_cli import run_from_args
+
+    return run_from_args(args)
 
 
 # --- demo -------------------------------------------------------------------------------------------------------

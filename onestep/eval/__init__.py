@@ -1,10 +1,13 @@
-"""Evaluation: Frechet distances through torch-fidelity with an offline digits feature extractor."""
+"""Evaluation: Frechet distances through torch-fidelity with an offline digits feature extractor; `onestep fid`."""
 
 from .features import FEATURE_EXTRACTOR, default_weights_path, register_feature_extractors
 from .fid import fid_protocol, frechet_distance, frechet_distance_from_features, to_uint8_rgb
+from .fid_cli import FidOptions, compute_fid
 
 __all__ = [
     "FEATURE_EXTRACTOR",
+    "FidOptions",
+    "compute_fid",
     "default_weights_path",
     "fid_protocol",
     "frechet_distance",
