@@ -42,11 +42,10 @@ import torch  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from onestep.denoisers import load_teacher  # noqa: E402
 from onestep.pipelines import OneStepPipeline  # noqa: E402
 from onestep.pipelines.onestep import MAX_STEPS  # noqa: E402
 from onestep.resources import ASSETS, REPO_ROOT  # noqa: E402
-from onestep.sampling.hallucination import HalFilter, last_k_sigmas, probe_scores  # noqa: E402
+from onestep.sampling.hallucination import HalFilter, probe_filter  # noqa: E402
 from onestep.sampling.samplers import sample_euler, teacher_sigmas  # noqa: E402
 
 log = logging.getLogger("onestep.demo")
@@ -59,7 +58,6 @@ MAX_PROMPT_CHARS = 500
 CONTROL_SIDE = (8, 2048)  # accepted control-image width/height, pixels
 TEACHER_STEPS = 50
 HAL_EXTRA = 0.25          # filter on: generate 25% more candidates, keep the lowest-scoring
-HAL_PROBE_SIGMAS = (0.3, 0.2, 0.1, 0.05)  # probe levels (VE sigma, data in [-1, 1]) for non-DDPM schedulers
 ALL_CLASSES = "all"
 GALLERY = dict(columns=4, height="auto", object_fit="contain", format="png")  # png: lossless, exact pixel size
 CSS = "#student-gallery img, #teacher-gallery img { image-rendering: pixelated; }"
@@ -77,21 +75,6 @@ def find_pipeline(path: str | os.PathLike | None = None) -> Path:
                             f"(looked in {', '.join(str(c) for c in candidates)})")
 
 
-def find_teacher(card: dict, pipeline_dir: Path):
-    """The teacher Denoiser named by the model card, if it is a local diffusers folder that loads; else None."""
-    name = card.get("teacher")
-    if not isinstance(name, str):
-        return None
-    for candidate in (Path(name), REPO_ROOT / name, pipeline_dir / name):
-        if (candidate / "model_index.json").is_file():
-            try:
-                return load_teacher(str(candidate))
-            except Exception as err:  # a broken teacher only hides the comparison, never the demo
-                log.warning("teacher %s does not load (%s); side-by-side comparison disabled", candidate, err)
-                return None
-    return None
-
-
 @dataclass
 class Capabilities:
     """What the loaded pipeline offers; the UI and the API show exactly these controls."""
@@ -106,9 +89,17 @@ class Capabilities:
     @classmethod
     def of(cls, pipe, teacher) -> "Capabilities":
         return cls(num_classes=pipe.one_step_generator.denoiser.num_classes, max_steps=MAX_STEPS,
-                   prompt="prompt" in inspect.signature(pipe.__call__).parameters,
+                   prompt=_takes_prompt(pipe),
                    oms=getattr(pipe, "oms", None) is not None, control=getattr(pipe, "nct", None) is not None,
                    teacher=teacher is not None)
+
+
+def _takes_prompt(pipe) -> bool:
+    """Text-conditional? OneStepPipeline's __call__ always has `prompt` (it refuses text without a text encoder): ask
+    its prompt encoder; any other pipeline: its signature."""
+    if hasattr(type(pipe), "prompt_encoder"):
+        return pipe.prompt_encoder is not None
+    return "prompt" in inspect.signature(pipe.__call__).parameters
 
 
 @dataclass
@@ -213,7 +204,7 @@ class Demo:
             raise ValueError(f"{self.pipeline_dir}: this generator makes {self.pipe.one_step_generator.sample_shape} "
                              "vectors, not images; the demo shows image generators (try `onestep sample`)")
         self.card = self.pipe.card
-        self.teacher = find_teacher(self.card, self.pipeline_dir)
+        self.teacher, _ = self.pipe.card_teacher()  # None: no side-by-side view
         self.caps = Capabilities.of(self.pipe, self.teacher)
         self.max_images = max_images
 
@@ -246,10 +237,8 @@ class Demo:
         when there is one (as bench/hallucination_toy.py does), else with the generator's own denoiser."""
         denoiser = self.teacher if self.teacher is not None else self.pipe.one_step_generator.denoiser
         cond = {} if labels is None else {"class_labels": labels}
-        with torch.no_grad():
-            scores = probe_scores(x, lambda xs, sigma: denoiser(xs, sigma, **cond), probe_levels(denoiser.scheduler),
-                                  generator=torch.Generator().manual_seed(req.seed))
-        keep, _ = HalFilter(keep_n=req.num_images)(scores)
+        keep, scores, _ = probe_filter(x, denoiser, HalFilter(keep_n=req.num_images),
+                                       torch.Generator().manual_seed(req.seed), **cond)
         dropped = sorted(set(range(len(x))) - set(keep.tolist()))
         note = (f" · hallucination filter: kept the {len(keep)} lowest of {len(x)}, dropped hal "
                 + ", ".join(f"{scores[i]:.1e}" for i in dropped))
@@ -271,13 +260,6 @@ class Demo:
                 ("NFE", card.get("nfe", 1)), ("FID", fid_text), ("FID protocol", card.get("fid_protocol", "-"))]
         facts = "\n".join(f"- **{k}**: {v}" for k, v in rows)
         return f"**Model card** (`{self.pipeline_dir}`)\n\n{facts}"
-
-
-def probe_levels(scheduler) -> list[float]:
-    """The hallucination module's default probe levels (the paper's last-10-steps window) for DDPM-style
-    schedulers; fixed small levels for flow-matching and EDM ones, which have no alphas_cumprod."""
-    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-    return last_k_sigmas(alphas_cumprod, 10) if alphas_cumprod is not None else list(HAL_PROBE_SIGMAS)
 
 
 def _captions(labels, n: int) -> list[str]:

@@ -13,6 +13,7 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png
+  onestep sample runs/quickstart/pipeline -n 64 --out grid.png --filter keep    drop likely hallucinations
   onestep fid runs/quickstart/pipeline onestep:digits -n 1000 --seed 1    its FID (= the quickstart's student_fid)
   onestep demo runs/quickstart/pipeline         a Gradio app on http://127.0.0.1:7860 (pip install -e ".[demo]")
 
@@ -110,6 +111,8 @@ def _add_pretrain(sub):
         Train a small diffusers teacher with denoising score matching on built-in data (no download):
           digits         a class-conditional UNet2DModel (~1 M params), DDPM linear schedule, 16x16
           gaussian_grid  an MLP denoiser with EDM preconditioning on the 5x5 grid
+          shapes         an unconditional UNet2DModel (~0.6 M params), DDPM linear schedule, Simple Shapes at 32x32
+                         (Aithal et al. 2024; bench/hallucination_shapes.py measures hallucinations on it)
         The result is a diffusers pipeline folder usable as `teacher:` in any recipe."""))
     p.add_argument("--data", default="digits", choices=["digits", "gaussian_grid", "shapes"])
     p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16 or 32)")
@@ -167,14 +170,56 @@ def _add_sample(sub):
           onestep sample runs/quickstart/pipeline -n 64 --out grid.png         one grid PNG (up to 4096 samples)
           onestep sample runs/quickstart/pipeline -n 10000 --out samples/       numbered PNGs 000000.png, ...
         A folder is filled batch by batch; sample i depends only on --seed and i (at a given --batch-size), so
-        rerunning the same command after an interruption writes exactly the missing files."""))
+        rerunning the same command after an interruption writes exactly the missing files.
+
+        Hallucination filter (grid PNG only; Aithal et al. 2024's variance score, one-step probe version):
+          onestep sample PIPELINE -n 64 --out grid.png --filter keep              64 lowest of ceil(64 x 1.25) = 80
+          onestep sample PIPELINE -n 64 --out grid.png --filter quantile:0.9      of 64, those <= the 0.9-quantile
+          onestep sample PIPELINE -n 64 --out grid.png --filter threshold:2e-4    of 64, those scoring <= 2e-4
+        Each sample is re-noised to the teacher's last 5 noise levels (4 draws each), denoised, and scored by the
+        variance of the 20 predictions (high: the teacher is undecided, e.g. between two modes). The probe denoises
+        with --teacher PATH, else the teacher in the pipeline's model card if it is a local folder, else the
+        generator's own network (worse). Writes the kept samples' grid and beside it grid.scores.json: every
+        sample's score, the kept indices, the filter, the probe levels and the denoiser used."""))
     p.add_argument("pipeline", help="exported pipeline folder")
     p.add_argument("-n", "--num", type=int, default=64, help="number of samples (grid: 1..4096, folder: 1..10^6)")
     p.add_argument("--steps", type=int, default=1, help="1..4 network evaluations per sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="a .png path (one grid) or a folder (numbered PNGs)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per network call when writing a folder")
+    p.add_argument("--filter", dest="hal_filter", default=None, metavar="keep|quantile:Q|threshold:T",
+                   help="drop likely hallucinations (grid PNG only): keep the -n lowest-scoring of ceil(n x "
+                        "--oversample), or of -n those <= the Q-quantile / <= T")
+    p.add_argument("--oversample", type=float, default=1.25,
+                   help="--filter keep: candidates per kept sample, 1..4 (default 1.25)")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="--filter: the diffusers teacher folder the probe denoises with (default: the model card's)")
     p.set_defaults(run=_run_sample)
+
+
+FILTER_FORMS = "keep, quantile:Q (0 < Q <= 1) or threshold:T (a number >= 0)"
+
+
+def parse_filter(spec: str, num: int, oversample: float):
+    """`--filter` / `--oversample` -> (HalFilter, number of samples to generate); ValueError naming the flag."""
+    import math
+
+    from .sampling.hallucination import HalFilter
+
+    kind, _, value = spec.strip().partition(":")
+    if kind == "keep" and not value:
+        if not (math.isfinite(oversample) and 1.0 <= oversample <= 4.0):
+            raise ValueError(f"--oversample must be a number in 1..4 (candidates per kept sample), got {oversample}")
+        return HalFilter(keep_n=num), math.ceil(num * oversample)
+    try:
+        number = float(value) if kind in ("quantile", "threshold") and value else None
+    except ValueError:
+        number = None
+    if number is not None and kind == "quantile" and 0.0 < number <= 1.0:
+        return HalFilter(quantile=number), num
+    if number is not None and kind == "threshold" and math.isfinite(number) and number >= 0.0:
+        return HalFilter(threshold=number), num
+    raise ValueError(f"--filter must be {FILTER_FORMS}, got {spec!r}")
 
 
 def _run_sample(args):
@@ -202,7 +247,16 @@ def _run_sample(args):
     if not 1 <= args.batch_size <= bulk.MAX_BATCH:
         raise ValueError(f"--batch-size must be 1..{bulk.MAX_BATCH}, got {args.batch_size}; lower it if memory "
                          "runs out")
+    if args.hal_filter is not None and not grid:
+        raise ValueError("--filter writes one grid PNG (--out FILE.png); filtering a folder of numbered PNGs is not "
+                         "supported (it would break the file-per-index resume)")
+    if args.teacher is not None and args.hal_filter is None:
+        raise ValueError("--teacher is the hallucination probe's denoiser: it needs --filter")
+    if args.hal_filter is not None:
+        hal_filter, total = parse_filter(args.hal_filter, args.num, args.oversample)
     pipe = OneStepPipeline.from_pretrained(args.pipeline)
+    if args.hal_filter is not None:
+        return _sample_filtered(pipe, args, hal_filter, total)
     if not grid:
         result = bulk.sample_to_folder(pipe, args.out, args.num, seed=args.seed, steps=args.steps,
                                        batch_size=args.batch_size, source=args.pipeline)
@@ -213,6 +267,33 @@ def _run_sample(args):
              output_type="raw").images
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+def _sample_filtered(pipe, args, hal_filter, total: int):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .training.visuals import save_samples
+
+    out = pipe(batch_size=total, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+               output_type="raw", hallucination_filter=hal_filter, hallucination_denoiser=args.teacher)
+    grid = Path(args.out)
+    report = grid.with_suffix(".scores.json")
+    kept, scores = out.kept.tolist(), out.hallucination_scores.tolist()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({
+        "pipeline": str(args.pipeline), "seed": args.seed, "steps": args.steps, "filter": args.hal_filter,
+        "oversample": args.oversample if hal_filter.keep_n is not None else None, "generated": total,
+        "kept": kept, "scores": scores, "probe_sigmas": out.hallucination_probe["sigmas"],
+        "denoiser": out.hallucination_probe["denoiser"], "grid": str(grid)}, indent=1) + "\n")
+    if not kept:
+        raise ValueError(f"--filter {args.hal_filter}: no sample passed (scores {min(scores):.3g}..{max(scores):.3g}, "
+                         f"all in {report}); raise the threshold")
+    save_samples(out.images, grid)
+    print(f"wrote {grid} ({len(kept)} of {total} samples kept by --filter {args.hal_filter}, probe: "
+          f"{out.hallucination_probe['denoiser']}) and {report}")
 
 
 # --- fid --------------------------------------------------------------------------------------------------------

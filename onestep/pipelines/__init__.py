@@ -1,3 +1,3 @@
-from .onestep import OneStepPipeline
+from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 
-__all__ = ["OneStepPipeline"]
+__all__ = ["FilteredImagePipelineOutput", "OneStepPipeline"]

@@ -10,6 +10,8 @@ onestep) and gives the same images (tests/test_standalone_pipeline.py keeps the 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +20,24 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoisers import denoiser_from_pretrained, import_trusted_class, load_component, read_model_index
 from ..generators import OneStepGenerator
+from ..sampling.hallucination import HalFilter, probe_filter
 from ..sampling.samplers import sample_few_step
 
 CARD_FILE = "onestep_card.json"
 REMOTE_CODE = Path(__file__).with_name("standalone_pipeline.py").read_text()  # written as pipeline.py on export
 MAX_STEPS = 4
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FilteredImagePipelineOutput(ImagePipelineOutput):
+    """Output of a call with `hallucination_filter`: `images` holds the kept samples only, in generation order;
+    `hallucination_scores` (float64) scores every generated sample, `kept` gives the indices of `images` among them,
+    `hallucination_probe` the probe levels (`sigmas`) and which `denoiser` scored them."""
+
+    hallucination_scores: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    hallucination_probe: dict | None = None
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -93,7 +108,8 @@ class OneStepPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int | None = None, num_inference_steps: int = 1, generator=None,
                  class_labels: torch.Tensor | list[int] | None = None, prompt: str | list[str] | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True, **cond):
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 hallucination_filter: HalFilter | None = None, hallucination_denoiser=None, **cond):
         """Generate `batch_size` samples (default: one per prompt, else 1).
 
         num_inference_steps: 1 (the distilled one-step map) up to 4 (re-noise and denoise with the same weights).
@@ -101,6 +117,12 @@ class OneStepPipeline(DiffusionPipeline):
         prompt: text teachers: one prompt, or one per sample.
         output_type: "pil" | "np" | "pt" (images in [0, 1]); "raw" returns the generator's output as is (latents
             for latent teachers).
+        hallucination_filter: a `HalFilter` (keep_n / quantile / threshold): score every sample with the one-step
+            probe (`onestep.sampling.hallucination.probe_filter`, before VAE decoding) and return only the kept ones
+            in a `FilteredImagePipelineOutput` (with `hallucination_scores` of all samples and `kept` indices).
+        hallucination_denoiser: what the probe denoises with: a Denoiser (`onestep.denoisers.load_teacher(path)`)
+            or a teacher folder path; default: the teacher named in the model card if it is a local folder that
+            loads, else the generator's own denoiser (separates worse; a warning says so).
         """
         if not 1 <= num_inference_steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be 1..{MAX_STEPS}, got {num_inference_steps}")
@@ -126,12 +148,21 @@ class OneStepPipeline(DiffusionPipeline):
             cond["class_labels"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
         noise_generator = generator[0] if isinstance(generator, list) else generator
         x = sample_few_step(gen, z, num_inference_steps, noise_generator=noise_generator, **cond)
+        extra = {}
+        if hallucination_filter is not None:
+            denoiser, name = self.hallucination_probe_denoiser(hallucination_denoiser)
+            hal = probe_filter(x, denoiser, hallucination_filter, noise_generator, **cond)
+            x = x[hal.kept.to(x.device)]
+            extra = {"hallucination_scores": hal.scores, "kept": hal.kept,
+                     "hallucination_probe": {"denoiser": name, "sigmas": hal.sigmas}}
+        output_class = FilteredImagePipelineOutput if extra else ImagePipelineOutput
         if self.vae is not None and output_type != "raw":
             from ..latents import LatentSpace
 
             x = LatentSpace(self.vae).decode(x)
         if output_type == "raw" or x.dim() != 4:
-            return ImagePipelineOutput(images=x) if return_dict else (x,)
+            out = output_class(images=x, **extra)
+            return out if return_dict else out.to_tuple()
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             out = images
@@ -139,7 +170,56 @@ class OneStepPipeline(DiffusionPipeline):
             out = images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 out = self.numpy_to_pil(out)
-        return ImagePipelineOutput(images=out) if return_dict else (out,)
+        out = output_class(images=out, **extra)
+        return out if return_dict else out.to_tuple()
+
+    def hallucination_probe_denoiser(self, denoiser=None):
+        """(denoiser, description) for the hallucination probe: `denoiser` if given (a Denoiser, or a teacher folder
+        to load), else the model card's teacher (`card_teacher`), else the generator's own denoiser (it separates
+        worse than the teacher: bench/hallucination_toy.py)."""
+        from ..denoisers import load_teacher
+
+        if isinstance(denoiser, (str, Path)):
+            return load_teacher(str(denoiser)).to(self.device), f"teacher {denoiser}"
+        if denoiser is not None:
+            return denoiser, "the given denoiser"
+        teacher, folder = self.card_teacher()
+        if teacher is not None:
+            return teacher.to(self.device), f"teacher {folder}"
+        log.warning("the hallucination probe uses the generator's own denoiser, which separates worse than the "
+                    "teacher: pass hallucination_denoiser=PATH_TO_TEACHER")
+        return self.one_step_generator.denoiser, "the generator's own denoiser"
+
+    def card_teacher(self):
+        """(teacher Denoiser, folder) named by the model card when it is a local diffusers folder (as written, under
+        the repository, or relative to this pipeline folder) that loads and makes samples of the generator's shape;
+        else (None, None). Loaded once; the demo's side-by-side view and the hallucination probe use it."""
+        if not hasattr(self, "_card_teacher"):
+            self._card_teacher = self._load_card_teacher()
+        return self._card_teacher
+
+    def _load_card_teacher(self):
+        from ..denoisers import load_teacher
+        from ..resources import REPO_ROOT
+
+        name = self.card.get("teacher")
+        if not isinstance(name, str):
+            return None, None
+        here = Path(str(self.config.get("_name_or_path", "")))
+        for folder in (Path(name), REPO_ROOT / name, here / name):
+            if (folder / "model_index.json").is_file():
+                try:
+                    teacher = load_teacher(str(folder))
+                except Exception as err:  # noqa: BLE001  (a broken teacher only means no teacher)
+                    log.warning("teacher %s does not load (%s)", folder, err)
+                    return None, None
+                if teacher.sample_shape != self.one_step_generator.sample_shape:
+                    log.warning("teacher %s makes %s samples, the generator %s", folder, teacher.sample_shape,
+                                self.one_step_generator.sample_shape)
+                    return None, None
+                return teacher, str(folder)
+        log.info("teacher %r is not a local diffusers folder", name)
+        return None, None
 
     # --- saving: weights + model card + the standalone remote code ------------------------------------------------
     def save_pretrained(self, save_directory, **kwargs):

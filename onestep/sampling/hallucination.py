@@ -18,7 +18,9 @@ What this module adds (our choices, not in the paper):
 * `TimestepRange` windows besides the paper's `LastK`, and threshold / quantile filters besides keep-N.
 * `probe_scores`, a score for samples that have no trajectory (one-step generators): re-noise the sample to a
   few small noise levels, denoise, and take the same variance. See `probe_scores` for the options and
-  `bench/hallucination_toy.py` for the measurement that picked the default.
+  `bench/hallucination_toy.py` for the measurement that picked the default. `probe_filter` applies it with a
+  `HalFilter` to a batch; `OneStepPipeline(..., hallucination_filter=...)`, the demo and `onestep sample --filter`
+  all go through it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 # ---------------------------------------------------------------------------------------------------------------
 # Windows and the score
@@ -43,7 +46,10 @@ class LastK:
 
     k: int = 10
 
-    capacity = property(lambda self: self.k)
+    @property
+    def capacity(self) -> int:
+        """How many recorded steps the window needs (the recorder drops older ones)."""
+        return self.k
 
     def accepts(self, timestep) -> bool:
         return True
@@ -61,7 +67,10 @@ class TimestepRange:
     lo: float
     hi: float
 
-    capacity = None
+    @property
+    def capacity(self) -> None:
+        """No bound: the recorder keeps every step the range accepts."""
+        return None
 
     def accepts(self, timestep) -> bool:
         return self.lo <= float(timestep) <= self.hi
@@ -69,9 +78,8 @@ class TimestepRange:
     def select(self, traj: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
         if timesteps is None:
             raise ValueError("TimestepRange needs the timesteps recorded with the trajectory")
-        inside = (torch.as_tensor(timesteps, dtype=torch.float64) >= self.lo) & (
-            torch.as_tensor(timesteps, dtype=torch.float64) <= self.hi)
-        return traj[inside]
+        t = torch.as_tensor(timesteps, dtype=torch.float64)
+        return traj[(t >= self.lo) & (t <= self.hi)]
 
 
 Window = LastK | TimestepRange
@@ -355,6 +363,15 @@ def _take(samples, indices: torch.Tensor):
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def probe_sigmas(alphas_cumprod: torch.Tensor, k: int = 5, draws: int = 4) -> list[float]:
+    """Probe levels: the VE sigmas sqrt((1 - ab_t) / ab_t) of the teacher's last `k` timesteps k-1 ... 0, the whole
+    list repeated `draws` times (each entry gets its own noise). The default k=5, draws=4 (20 denoiser calls)
+    separated best across the toy bench (1-D modes and the 5x5 grid); for a T=1000 linear 0.001->0.2 schedule
+    the levels are 0.084 ... 0.032. For a teacher without alphas_cumprod, pass the sigmas of its last k steps."""
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[:k].flip(0)
+    return ((1 - ab) / ab).sqrt().tolist() * draws
+
+
 @torch.no_grad()
 def probe_trajectory(x0: torch.Tensor, denoise: Denoise, sigmas: Sequence[float],
                      generator: torch.Generator | None = None, noise: str = "independent",
@@ -371,8 +388,8 @@ def probe_trajectory(x0: torch.Tensor, denoise: Denoise, sigmas: Sequence[float]
     if mode not in ("parallel", "chain"):
         raise ValueError(f"mode must be 'parallel' or 'chain', got {mode!r}")
 
-    def draw():
-        return torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    def draw():  # randn_tensor: a CPU generator also serves a GPU batch
+        return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     shared = draw() if noise == "shared" else None
     x, out = x0, []
@@ -391,9 +408,50 @@ def probe_scores(x0: torch.Tensor, denoise: Denoise, sigmas: Sequence[float],
 
     Re-noise each sample to the K noise levels `sigmas` (VE: x0 + sigma eps), denoise with `denoise(x_sigma,
     sigma[B]) -> x0_hat` (the teacher, or the generator's own denoiser), and take the population variance of the
-    K predictions averaged over coordinates, as `hal_score` does on a trajectory. The bench
-    (`bench/hallucination_toy.py`) measured which levels and options separate hallucinations best.
+    K predictions averaged over coordinates, as `hal_score` does on a trajectory. Use `probe_sigmas` for the
+    levels; the defaults (parallel, independent noise) are what `bench/hallucination_toy.py` found to separate
+    best: on the same teacher samples the probe matched or beat the trajectory score everywhere measured,
+    while "shared" noise, "chain" mode, larger levels and the generator's own few-step path were worse.
     Returns float64 [B].
     """
     traj = probe_trajectory(x0, denoise, sigmas, generator, noise, mode)
     return hal_score(traj, LastK(len(sigmas)))
+
+
+# Probe levels for schedulers without alphas_cumprod (flow matching, EDM): VE sigmas for data in [-1, 1], about the
+# size of a DDPM teacher's last few levels (0.01 ... 0.08 for linear 1e-4 -> 0.02 betas).
+FALLBACK_PROBE_SIGMAS = (0.3, 0.2, 0.1, 0.05)
+
+
+def probe_levels(scheduler, k: int = 5, draws: int = 4) -> list[float]:
+    """`probe_sigmas(scheduler.alphas_cumprod, k, draws)` for DDPM-style schedulers; `FALLBACK_PROBE_SIGMAS` (one
+    draw each) for schedulers without alphas_cumprod (flow matching, EDM) or no scheduler at all."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    return probe_sigmas(alphas_cumprod, k, draws) if alphas_cumprod is not None else list(FALLBACK_PROBE_SIGMAS)
+
+
+class ProbeFiltered(NamedTuple):
+    """Result of `probe_filter`: kept indices (ascending, into the batch), float64 scores of every sample, and the
+    probe levels used."""
+
+    kept: torch.Tensor
+    scores: torch.Tensor
+    sigmas: list[float]
+
+
+@torch.no_grad()
+def probe_filter(x: torch.Tensor, denoiser, hal_filter: HalFilter, generator: torch.Generator | None = None,
+                 sigmas: Sequence[float] | None = None, **cond) -> ProbeFiltered:
+    """Score a batch of finished samples with the one-step probe and apply `hal_filter`.
+
+    x: samples in the denoiser's space (pixels in [-1, 1], or latents for latent teachers); denoiser: a onestep
+    `Denoiser` (`D(x_sigma, sigma, **cond) -> x0`, e.g. `load_teacher(path)`), or any such callable; cond: its
+    conditioning (`class_labels=...`), one row per sample. sigmas: the probe levels (default `probe_levels` of
+    `denoiser.scheduler`). generator: the probe's noise (seed it for reproducible scores).
+    """
+    if sigmas is None:
+        sigmas = probe_levels(getattr(denoiser, "scheduler", None))
+    sigmas = [float(s) for s in sigmas]
+    scores = probe_scores(x, lambda xs, sigma: denoiser(xs, sigma, **cond), sigmas, generator)
+    kept, scores = hal_filter(scores)
+    return ProbeFiltered(kept, scores, sigmas)

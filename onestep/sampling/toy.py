@@ -3,9 +3,11 @@
 Settings follow the paper's code (locuslab/diffusion-model-hallucination, `gaussian_experiments/`): 1-D Gaussian
 modes (std 0.05, unnormalised), the 5x5 grid (`gaussian25`, normalised by sqrt(0.05^2 + 8)), the `Decoder` MLP
 (`toy/toy_model.py`), DDPM with T = 1000 and linear betas 0.001 -> 0.2, eps-prediction and MSE, ancestral
-sampling with fixed-large variance and no clipping. Deviations, all for CPU minutes instead of GPU hours: smaller
-batches and fewer steps (`train_ddpm` arguments, chosen in `bench/hallucination_toy.py`); the one-step student
-is distilled by trajectory regression (Luhman & Luhman 2021), which the paper does not have.
+sampling with fixed-large variance and no clipping. Deviations, all for CPU minutes instead of GPU hours: batch
+1000 instead of 10000, 10k steps, and the lr decayed to 0 on a cosine (`train_ddpm(cosine=True)`); at constant
+lr and this budget the trained modes stay wide and their tails, labelled as hallucinations, have a low score
+(measured in `bench/hallucination_toy.py`). The one-step student is distilled by trajectory regression (Luhman &
+Luhman 2021), which the paper does not have.
 
 Sampling runs a real `diffusers.DDPMScheduler` inside `ToyDDPMPipeline`, so `HalMonitor` / `X0Recorder` score it
 through the same code path as any diffusers pipeline. `ToyDenoiser` exposes a trained network as a VE denoiser
@@ -68,6 +70,19 @@ def mode_distance(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 def hallucinated(x: torch.Tensor, means: torch.Tensor, std: float, kappa: float = KAPPA) -> torch.Tensor:
     """Bool [N]: farther than kappa * std from every mode (gap midpoints are >= 10 std away)."""
     return mode_distance(x, means) > kappa * std
+
+
+def gap_densities(x: torch.Tensor, means: Sequence[float], std: float = MODE_STD_1D,
+                  kappa: float = KAPPA) -> list[tuple[float, float, float]]:
+    """1-D: for each gap between consecutive modes, (lo, hi, density) with the gap taken as
+    (mu_i + kappa std, mu_{i+1} - kappa std) and density = fraction of samples in it per unit length."""
+    mu = sorted(float(m) for m in means)
+    x = x.flatten().double()
+    out = []
+    for a, b in zip(mu[:-1], mu[1:]):
+        lo, hi = a + kappa * std, b - kappa * std
+        out.append((lo, hi, float(((x > lo) & (x < hi)).double().mean()) / (hi - lo)))
+    return out
 
 
 def neighbour_segments(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,16 +282,19 @@ def teacher_ode(denoise: ToyDenoiser, z: torch.Tensor, sigmas: Sequence[float]) 
 
 
 def distill_one_step(teacher: ToyDenoiser, dim: int, levels: Sequence[float], n_pairs: int, steps: int,
-                     batch_size: int, ode_steps: int = 100, lr: float = 1e-3,
+                     batch_size: int, ode_steps: int = 100, sigma_start: float = 80.0, lr: float = 1e-3,
                      generator: torch.Generator | None = None) -> ToyDenoiser:
     """A one-step student by trajectory regression (Luhman & Luhman 2021, "Knowledge distillation in iterative
     generative models"), extended to the noise `levels` of its own few-step path: with teacher ODE paths
     x(sigma) from z, train D_theta(x(sigma_l), sigma_l) -> x(0) for each level (the consistency target on the
-    teacher's path). The generator is G(z) = D_theta(levels[0] z, levels[0]); few-step sampling re-noises to
-    levels[1:] (multistep consistency sampling). Returns the student as a sample-prediction `ToyDenoiser`.
+    teacher's path). The ODE starts at x = sigma_start z (80, as in EDM: the data's std is negligible there; this
+    schedule's own sigma_max ~ 1e25 overflows float32) and takes `ode_steps` log-spaced Euler steps down to the
+    teacher's t = 0 level, then one step to 0. The
+    generator is G(z) = D_theta(levels[0] z, levels[0]); few-step sampling re-noises to levels[1:] (multistep
+    consistency sampling). Returns the student as a sample-prediction `ToyDenoiser`.
     """
-    sigma_max = float(torch.exp(teacher.log_sigmas[-2]))
-    grid = torch.exp(torch.linspace(math.log(sigma_max), math.log(min(levels)), ode_steps)).tolist()
+    sigma_end = float(teacher.log_sigmas[0].exp())  # the teacher's t = 0, as DDIM ends
+    grid = torch.exp(torch.linspace(math.log(sigma_start), math.log(sigma_end), ode_steps)).tolist()
     grid = sorted(set(grid) | {float(s) for s in levels}, reverse=True)
     z = torch.randn(n_pairs, dim, generator=generator)
     states = teacher_ode(teacher, z, grid)
