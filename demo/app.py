@@ -259,7 +259,9 @@ class Demo:
         rows = [("teacher", card.get("teacher", "unknown")), ("method", card.get("method", "unknown")),
                 ("NFE", card.get("nfe", 1)), ("FID", fid_text), ("FID protocol", card.get("fid_protocol", "-"))]
         facts = "\n".join(f"- **{k}**: {v}" for k, v in rows)
-        return f"**Model card** (`{self.pipeline_dir}`)\n\n{facts}"
+        shown = os.path.relpath(self.pipeline_dir) if Path.cwd() in Path(self.pipeline_dir).resolve().parents \
+            else self.pipeline_dir  # a short path where it is one
+        return f"**Model card** (`{shown}`)\n\n{facts}"
 
 
 def _captions(labels, n: int) -> list[str]:
