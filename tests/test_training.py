@@ -1,5 +1,7 @@
 """The shared trainer: config validation, full-state resume, checkpoints, non-finite handling, gradient plumbing."""
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,31 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_teacher_dir, tmp_pa
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + steps.count(6) - 1  # no duplicated steps
+
+
+def test_lr_schedule_is_a_function_of_the_step_so_resume_needs_no_state(tiny_teacher_dir, tmp_path):
+    """The schedule (diffusers.optimization's cosine with warm-up) is set from the step at every update: a run
+    resumed from its step-2 checkpoint ends with the same weights as the straight run, and the last update used
+    lr * cos-decay(step 5 of 6)."""
+    config = tiny_run_config(tiny_teacher_dir, tmp_path / "a", steps=6, loss="sid")
+    config.train.lr_schedule, config.train.lr_warmup_steps = "cosine", 2
+    straight = Trainer(config)
+    straight.train()
+    base = config.method.generator_optimizer.lr
+    expected = base * 0.5 * (1 + math.cos(math.pi * (5 - 2) / (6 - 2)))
+    assert straight.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+
+    copy_dir = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", copy_dir)
+    for later in sorted((copy_dir / "checkpoints").glob("step_*"))[1:]:  # keep only the step-2 checkpoint
+        shutil.rmtree(later)
+    config_b = config.model_copy(update={"output_dir": str(copy_dir)})
+    resumed = Trainer(config_b, resume="latest")
+    assert resumed.start_step == 2
+    resumed.train()
+    a, b = _final_state(tmp_path / "a"), _final_state(copy_dir)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_checkpoints_are_atomic_and_retained(tmp_path):

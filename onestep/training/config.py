@@ -47,6 +47,9 @@ class TrainConfig(StrictModel):
     sample_every: int = Field(250, gt=0)
     log_every: int = Field(10, gt=0)
     num_sample_images: int = Field(64, gt=0, le=1024)
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule of every optimizer (diffusers.optimization), over train.steps")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps of the schedule")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

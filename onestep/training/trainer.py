@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -56,7 +57,6 @@ class _Context:
 class Trainer:
     def __init__(self, config: RunConfig, resume: str | None = None, accelerator: Accelerator | None = None):
         from ..data import load_dataset
-        from ..denoisers import load_teacher
 
         self.config = config
         self.out = Path(config.output_dir)
@@ -101,6 +101,10 @@ class Trainer:
         prepared = self.accelerator.prepare(*[self.modules[n] for n in names], *[optimizers[n] for n in names])
         self.prepared = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(names, prepared[len(names):]))
+        # The schedule's multiplier is set from the step at every update (not stepped), so resume needs no state.
+        self.lr_lambdas = {n: get_scheduler(config.train.lr_schedule, optimizers[n],
+                                            num_warmup_steps=config.train.lr_warmup_steps,
+                                            num_training_steps=config.train.steps).lr_lambdas for n in names}
 
         ema_source = self.modules[method_cls.ema_network]
         self.ema_mask = [p.requires_grad for p in ema_source.parameters()]  # frozen (LoRA base) weights never move
@@ -171,6 +175,8 @@ class Trainer:
                     f"train.max_skipped_steps={self.config.train.max_skipped_steps}). Lower the learning rate, set "
                     "train.grad_clip_norm, or use train.mixed_precision=bf16 instead of fp16.")
             return
+        for group, lr_lambda in zip(optimizer.param_groups, self.lr_lambdas[name]):
+            group["lr"] = group["initial_lr"] * lr_lambda(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._last_grad_norms[name] = float(grad_norm)
