@@ -99,6 +99,15 @@ def test_lr_schedule_is_a_function_of_the_step_so_resume_needs_no_state(tiny_tea
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tiny_teacher_dir, tmp_path):
+    Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=6, loss="sid")).train()  # checkpoints 2, 4, 6
+    Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=2, loss="sid")).train()  # a new run, same folder
+    (aside,) = tmp_path.glob("checkpoints_before_*")
+    assert len(list(aside.glob("step_*"))) == 3 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 1
+    resumed = Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=4, loss="sid"), resume="latest")
+    assert resumed.start_step == 2  # the new run's checkpoint, not the old step 6
+
+
 def test_checkpoints_are_atomic_and_retained(tmp_path):
     module = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(module.parameters())

@@ -117,6 +117,7 @@ class Trainer:
         self.metrics_file = self.out / "metrics.jsonl"
         if not resume and self.accelerator.is_main_process:
             self.metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
+            self._set_aside_old_checkpoints()
         self.fixed_noise, self.fixed_cond = self._fixed_inputs()
         if resume:
             self._resume(resume)
@@ -282,6 +283,15 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
+    def _set_aside_old_checkpoints(self) -> None:
+        """A fresh run into a folder that holds an earlier run's checkpoints renames them to checkpoints_before_<time>:
+        mixed with the new ones, retention could delete the new run's and `--resume latest` would pick the old run."""
+        old = self.out / "checkpoints"
+        if old.is_dir() and any(old.iterdir()):
+            aside = self.out / f"checkpoints_before_{time.strftime('%Y%m%d-%H%M%S')}"
+            old.rename(aside)
+            print(f"{old} held an earlier run's checkpoints: moved to {aside} (use --resume latest to continue a run)")
+
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
