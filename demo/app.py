@@ -235,7 +235,7 @@ class Demo:
     def hal_filter(self, x: torch.Tensor, labels, req: Request):
         """Score every candidate with the one-step probe and keep the lowest. The probe denoises with the teacher
         when there is one (as bench/hallucination_toy.py does), else with the generator's own denoiser."""
-        denoiser = self.teacher if self.teacher is not None else self.pipe.one_step_generator.denoiser
+        denoiser, _ = self.pipe.hallucination_probe_denoiser()  # the card's teacher, else the generator's own
         cond = {} if labels is None else {"class_labels": labels}
         keep, scores, _ = probe_filter(x, denoiser, HalFilter(keep_n=req.num_images),
                                        torch.Generator().manual_seed(req.seed), **cond)
