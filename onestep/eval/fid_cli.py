@@ -253,8 +253,10 @@ def resolve_extractor(name: str, inception_weights: str | None) -> Extractor:
 
 # --- generation -------------------------------------------------------------------------------------------------
 def _uint8_index(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [B, 3, H, W], rounded exactly like `onestep sample`'s PNGs (diffusers' numpy_to_pil)."""
-    x = ((x.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    """[-1, 1] -> uint8 [B, 3, H, W] through `onestep sample`'s own conversion, so features equal the PNGs'."""
+    from ..sampling.bulk import to_uint8
+
+    x = torch.from_numpy(to_uint8(x.float().cpu())).permute(0, 3, 1, 2)
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
