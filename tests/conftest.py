@@ -32,3 +32,13 @@ def tiny_run_config(teacher, out, steps=4, **method):
         "train": {"steps": steps, "batch_size": 4, "checkpoint_every": 2, "sample_every": 1000, "log_every": 1,
                   "num_sample_images": 4, "keep_checkpoints": 10},
         "eval": {"enabled": False}})
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, restored after: results that must match a one-thread subprocess bit for
+    bit, and CPU-heavy tests that should not fight the other jobs on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

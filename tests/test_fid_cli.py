@@ -100,7 +100,7 @@ if results:
 """
 
 
-def test_two_processes_give_the_same_statistics_as_one(tiny_run, tmp_path):
+def test_two_processes_give_the_same_statistics_as_one(tiny_run, tmp_path, one_thread):  # as the workers
     """Generation split over 2 gloo CPU processes (batches round-robin, one process idle in the last round) and
     gathered: the same features, hence the same FID/KID to the last bit, for both samplings."""
     worker, out = tmp_path / "worker.py", tmp_path / "two.json"

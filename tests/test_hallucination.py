@@ -18,7 +18,11 @@ from onestep.sampling.hallucination import (FALLBACK_PROBE_SIGMAS, HalFilter, Ha
 from onestep.sampling.toy import (Decoder, ToyDDPMPipeline, ToyDenoiser, gap_densities, gaussian_1d,
                                   hallucinated, segment_distance, grid_means, toy_scheduler, train_ddpm)
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """The toy models are tiny: one thread is faster, and the setting does not leak into other test files."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_save_load_gives_identical_images(tmp_path):
     assert loaded.card["teacher"] == "tiny" and loaded.config.sigma_init == pipe.config.sigma_init
 
 
-def test_plain_diffusers_loads_it_in_a_fresh_process(tmp_path):
+def test_plain_diffusers_loads_it_in_a_fresh_process(tmp_path, one_thread):  # as the OMP_NUM_THREADS=1 child
     pipe = _pipeline()
     pipe.save_pretrained(tmp_path)
     expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images

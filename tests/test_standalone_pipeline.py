@@ -65,7 +65,7 @@ def _images(pipe, steps: int, output_type: str) -> torch.Tensor:
                 output_type=output_type).images
 
 
-def test_plain_diffusers_without_onestep_gives_identical_images(tmp_path):
+def test_plain_diffusers_without_onestep_gives_identical_images(tmp_path, one_thread):  # as the child process
     cases, expected = [], {}
     for i, (name, scheduler) in enumerate(SCHEDULERS.items()):
         folder = tmp_path / name
