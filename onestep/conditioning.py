@@ -33,8 +33,10 @@ class PromptEncoder:
         loaded teacher UNet/transformer) is lent to the pipeline, not loaded twice: some pipelines read its config
         while encoding (SD3 without T5 sizes its zero T5 embeddings by the transformer's joint_attention_dim)."""
         index = read_model_index(path)
-        if "text_encoder" not in index:
-            return None
+        if not isinstance(index.get("text_encoder"), list) or index["text_encoder"][0] is None:
+            return None  # no text encoder (an export of a class-conditional or unconditional model lists it as null)
+        if not isinstance(index.get("_class_name"), str):  # a onestep export: the teacher pipeline class is stored
+            index = {**index, "_class_name": index.get("prompt_pipeline")}
         pipeline_cls = import_trusted_class(["diffusers", index["_class_name"]], path)
         skip = {name: None for name in NON_TEXT_COMPONENTS if name in index}
         skip.update({name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None})

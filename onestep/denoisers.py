@@ -29,8 +29,9 @@ TRUSTED_LIBRARIES = ("diffusers", "transformers", "onestep")
 
 
 class Denoiser(nn.Module):
-    """Base class. Subclasses implement `denoise`; `forward` adds the optional bottleneck-feature capture that
-    discriminator heads read (a forward hook on the network's middle, so no second pass is needed)."""
+    """Base class. Subclasses implement `denoise`; `forward` can also return the activations of named layers of the
+    network (`return_features`), read by forward hooks during that one pass, so discriminator heads need no second
+    pass. `feature_layers()` lists the encoder layers a UNet offers: conv_in, each down block, the mid block."""
 
     schedule: Schedule
 
@@ -38,29 +39,50 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
         self.schedule = schedule
-        self._features = None
-        self._capture = False
-        middle = _middle_module(model)
-        if middle is not None:
-            middle.register_forward_hook(self._store_features)
 
-    def _store_features(self, module, inputs, output):
-        if self._capture:
-            self._features = output[0] if isinstance(output, tuple) else output
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, return_features: bool = False, **cond):
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                return_features: bool | tuple[str, ...] | list[str] = False, **cond):
+        """x0 estimate; with `return_features=True` also the bottleneck activations, with a tuple of layer names
+        (see `feature_layers`) also the list of those layers' activations, in that order."""
         sigma = _per_sample(sigma, x)
         if not return_features:
             return self.denoise(x, sigma, **cond)
-        self._capture = True
+        names = [self.bottleneck] if return_features is True else list(return_features)
+        if None in names:
+            raise RuntimeError(f"{type(self.model).__name__} exposes no bottleneck (mid_block) to read features from")
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in dict.fromkeys(names):
+            try:
+                layer = self.model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{type(self.model).__name__} has no layer {name!r}; feature layers: "
+                                 f"{', '.join(self.feature_layers())}") from None
+            handles.append(layer.register_forward_hook(
+                lambda module, inputs, output, name=name: captured.__setitem__(
+                    name, output[0] if isinstance(output, tuple) else output)))
         try:
             x0 = self.denoise(x, sigma, **cond)
-            features = self._features
         finally:
-            self._capture, self._features = False, None
-        if features is None:
-            raise RuntimeError(f"{type(self.model).__name__} exposes no bottleneck (mid_block) to read features from")
-        return x0, features
+            for handle in handles:
+                handle.remove()
+        features = [captured[name] for name in names]
+        return x0, (features[0] if return_features is True else features)
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The layer whose activations `return_features=True` returns: the mid block (or a transformer's middle)."""
+        if getattr(self.model, "mid_block", None) is not None:
+            return "mid_block"
+        blocks = getattr(self.model, "transformer_blocks", None)
+        return f"transformer_blocks.{len(blocks) // 2}" if blocks is not None and len(blocks) else None
+
+    def feature_layers(self) -> list[str]:
+        """The encoder layers whose activations `forward(..., return_features=names)` can return."""
+        names = [name for name in ("conv_in",) if getattr(self.model, name, None) is not None]
+        names += [f"down_blocks.{i}" for i in range(len(getattr(self.model, "down_blocks", None) or []))]
+        names += [f"transformer_blocks.{i}" for i in range(len(getattr(self.model, "transformer_blocks", None) or []))]
+        return names + ([self.bottleneck] if self.bottleneck and self.bottleneck not in names else [])
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         raise NotImplementedError
@@ -233,7 +255,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def read_model_index(path_or_id: str) -> dict:
-    from .training.checkpoint import refuse_pickle
+    from .safe_io import refuse_pickle
 
     path_or_id = str(path_or_id)
     local = Path(path_or_id)
@@ -307,7 +329,7 @@ def load_component(klass, path_or_id: str, name: str, **kwargs):
 def check_component_files(klass, path_or_id: str, name: str) -> None:
     """For a local folder: component `name` exists and, if it is a network, has complete safetensors weights; a
     pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. (Hub ids are checked when loading.)"""
-    from .training.checkpoint import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem
+    from .safe_io import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem
 
     folder = Path(str(path_or_id)) / name
     if not Path(str(path_or_id)).is_dir():
@@ -335,15 +357,6 @@ def _short(err: Exception, limit: int = 200) -> str:
         cut = text.find(". ", 40)
         text = text[: cut + 1] if 0 < cut < limit else text[:limit] + "..."
     return text
-
-
-def _middle_module(model: nn.Module):
-    if getattr(model, "mid_block", None) is not None:
-        return model.mid_block
-    blocks = getattr(model, "transformer_blocks", None)
-    if blocks is not None and len(blocks):
-        return blocks[len(blocks) // 2]
-    return None
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Networks that methods build around a denoiser: a fake-score network with an optional discriminator head."""
+"""Networks that methods build: any trusted model class from a config (`build_network`), and around a denoiser a
+fake-score network with an optional discriminator head."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .denoisers import Denoiser
 
@@ -55,11 +55,41 @@ class FakeScore(nn.Module):
         return tuple(features.shape[1:])
 
 
-def bce_discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
-    """Per-sample BCE: real -> 1, fake -> 0. At the optimum logit = log(p/q) (the density ratio, notes sec. 3.5)."""
-    return F.softplus(-logit_real) + F.softplus(logit_fake)
+def build_network(class_name: str, config: dict, **defaults) -> nn.Module:
+    """A new (randomly initialised) network of a diffusers / transformers / onestep model class from its config: how a
+    student smaller than its teacher, a time-free UNet or a discriminator head is made from a recipe.
+
+    `class_name` is a class of diffusers (`UNet2DModel`, `UNet2DConditionModel`, ...), onestep (`MLPModel`, ...) or a
+    dotted `library.Class`; `defaults` (sample size, channels, class count read off the data) are overridden by
+    `config`. An unknown key or bad value is reported in one line naming the class and its valid keys.
+    """
+    import inspect
+
+    from .denoisers import import_trusted_class
+
+    library, _, name = class_name.rpartition(".")
+    candidates = [library] if library else ["diffusers", "onestep.denoisers", "onestep.networks"]
+    klass = None
+    for lib in candidates:
+        try:
+            klass = import_trusted_class([lib, name], "network config")
+            break
+        except ValueError:
+            if lib == candidates[-1]:
+                raise ValueError(f"network class {class_name!r} is not a diffusers, transformers or onestep model "
+                                 "class; e.g. UNet2DModel, UNet2DConditionModel, MLPModel") from None
+    kwargs = {**defaults, **config}
+    accepted = set(inspect.signature(klass.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(f"{name} config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(accepted))}")
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    try:
+        return klass(**kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError) as err:
+        raise ValueError(f"{name} config: cannot build the network ({' '.join(str(err).split())[:300]}); check the "
+                         "block types, channel counts and group norms") from None
 
 
-def density_ratio(logit: torch.Tensor, logit_clamp: float = 10.0, r_min: float = 0.1, r_max: float = 20.0):
-    """r = p/q from a discriminator logit, clamped as in FastGen's f-distill and detached (notes sec. 3.5, 8.5)."""
-    return logit.detach().clamp(-logit_clamp, logit_clamp).exp().clamp(r_min, r_max)
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -23,6 +23,22 @@ def tiny_teacher_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_teacher_dir, tmp_path_factory):
+    """A onestep export (OneStepPipeline folder) of the tiny teacher's network at sigma_init 2.5: what a finished
+    run writes, as the frozen base of a later stage."""
+    from onestep.denoisers import load_teacher
+    from onestep.generators import OneStepGenerator
+    from onestep.pipelines import OneStepPipeline
+
+    path = tmp_path_factory.mktemp("export") / "pipeline"
+    teacher = load_teacher(tiny_teacher_dir)
+    OneStepPipeline.from_generator(OneStepGenerator(teacher, 2.5), teacher.scheduler,
+                                   {"teacher": tiny_teacher_dir, "method": "none (the teacher at sigma_init)"}
+                                   ).save_pretrained(path)
+    return str(path)
+
+
 def tiny_run_config(teacher, out, steps=4, **method):
     from onestep.training.config import config_from_dict
 

@@ -32,27 +32,17 @@ from onestep.training.trainer import Trainer, TrainingStopped
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 STEPS = 6
-TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
-             "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}
-# One small recipe per method (the `method:` section; teacher: True = the tiny teacher of conftest.py). A new method
-# without an entry here fails test_killed_runs_resume_to_identical_weights: add one.
-CRASH_RECIPES = {
-    "uni_instruct": {"teacher": True, "method": {"name": "uni_instruct", "loss": "ui", "divergence": "fkl",
-                                                 "gan_weight": 0.01, "generator_optimizer": {"lr": 1e-4},
-                                                 "fake_optimizer": {"lr": 1e-4}}},
-    "dsm": {"teacher": False, "method": {"name": "dsm", "model": TINY_UNET, "sample_steps": 2}},
-}
 
 
-def _write_recipe(path: Path, method: str, teacher: str, out: Path) -> Path:
-    spec = CRASH_RECIPES[method]
-    recipe = {"seed": 0, "output_dir": str(out), "data": {"name": "digits", "resolution": 8},
-              "method": spec["method"], "ema": {"decay": 0.9},
+def _write_recipe(path: Path, method: str, teachers: dict, out: Path) -> Path:
+    """The method's own smoke recipe (every method has one: the contract test needs it too), checkpointing every step."""
+    cls = available_methods()[method]
+    recipe = {"seed": 0, "output_dir": str(out), **cls.smoke_recipe(teachers[cls.teacher_kind]), "ema": {"decay": 0.9},
               "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 2,
                         "sample_every": 1000, "log_every": 1, "num_sample_images": 4},
               "eval": {"enabled": False}}
-    if spec["teacher"]:
-        recipe["teacher"] = teacher
+    if teachers[cls.teacher_kind] is None:
+        recipe.pop("teacher", None)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
@@ -88,16 +78,14 @@ def _step_of(path: Path) -> int:
     return int(ckpt.STEP_DIR.match(path.name).group(1))
 
 
-@pytest.mark.parametrize("method", sorted(available_methods()))
-def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tmp_path):
-    if method not in CRASH_RECIPES:
-        pytest.fail(f"method {method!r} has no crash-test recipe: add a small one to CRASH_RECIPES in "
-                    "tests/test_crash_resume.py")
+@pytest.mark.parametrize("method", sorted(n for n, c in available_methods().items() if c.__module__.startswith("onestep.")))
+def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tiny_export_dir, tmp_path):
+    teachers = {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None}
     rng = random.Random(f"crash-resume-{method}")
     kill_in_save = rng.randint(2, STEPS - 2)            # killed while checkpoint `kill_in_save` is being written
     kill_after = rng.randint(kill_in_save, STEPS - 1)    # killed mid-run once checkpoint `kill_after` exists
     run, ref = tmp_path / "run", tmp_path / "ref"
-    recipe = _write_recipe(tmp_path / "recipe.yaml", method, tiny_teacher_dir, run)
+    recipe = _write_recipe(tmp_path / "recipe.yaml", method, teachers, run)
     checkpoints = run / "checkpoints"
 
     # 1. SIGKILL during a checkpoint save: its files are in the temporary folder, not yet renamed into place
@@ -168,8 +156,11 @@ def _faulty_trainer(teacher, out, steps, faults, policy="skip"):
         now["step"] = ctx.step
         update = ctx.update
 
-        def maybe_poisoned(name, loss):
-            update(name, loss * float("nan") if faults.get((ctx.step, name)) == "nan_loss" else loss)
+        def maybe_poisoned(name, loss_fn, batch):
+            def poisoned(b):
+                loss, logs = loss_fn(b)
+                return (loss * float("nan") if faults.get((ctx.step, name)) == "nan_loss" else loss), logs
+            return update(name, poisoned, batch)
 
         ctx.update = maybe_poisoned
         return step(batch, ctx)

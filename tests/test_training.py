@@ -138,6 +138,11 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 
 # --- non-finite updates -----------------------------------------------------------------------------------------
+def _times_nan(loss_and_logs):
+    loss, logs = loss_and_logs
+    return loss * float("nan"), logs
+
+
 def _poisoned_trainer(tiny_teacher_dir, out, policy):
     config = tiny_run_config(tiny_teacher_dir, out, steps=3, loss="sid")
     config.train.nan_policy = policy
@@ -146,7 +151,7 @@ def _poisoned_trainer(tiny_teacher_dir, out, policy):
 
     def poisoned(batch, ctx):  # a NaN appears in the generator's loss at every step
         original = ctx.update
-        ctx.update = lambda name, loss: original(name, loss * float("nan"))
+        ctx.update = lambda name, loss_fn, batch: original(name, lambda b: _times_nan(loss_fn(b)), batch)
         return step(batch, ctx)
 
     trainer.method.generator_step = poisoned
@@ -178,13 +183,15 @@ class RecordingContext:
     def net(self, name):
         return dict((n, m) for n, (m, _) in self.method.trainable().items())[name]
 
-    def update(self, name, loss):
+    def update(self, name, loss_fn, batch):
+        loss, logs = loss_fn(batch)
         loss.backward()
-        modules = {"teacher": self.method.teacher, **{n: m for n, (m, _) in self.method.trainable().items()}}
+        modules = {"teacher": self.method.denoiser, **{n: m for n, (m, _) in self.method.trainable().items()}}
         self.grads[name] = {n: [p.grad.clone() if p.grad is not None else None for p in m.parameters()]
                             for n, m in modules.items()}
         for m in modules.values():
             m.zero_grad(set_to_none=True)
+        return logs
 
     def mean_across_processes(self, value):
         return value
@@ -201,10 +208,11 @@ def _method(tiny_teacher_dir, **method):
     from onestep.data import load_dataset
     from onestep.denoisers import load_teacher
     from onestep.methods.uni_instruct import UniInstruct
+    from onestep.teachers import DiffusionTeacher
 
     data = load_dataset("digits", 8)
     data.cond = {"class_labels": data.labels}
-    m = UniInstruct(config.method, load_teacher(tiny_teacher_dir), data)
+    m = UniInstruct(config.method, DiffusionTeacher(tiny_teacher_dir, denoiser=load_teacher(tiny_teacher_dir)), data)
     return m, batch_from_data(data, torch.arange(6))
 
 
@@ -213,7 +221,7 @@ def _method(tiny_teacher_dir, **method):
 def test_generator_gradient_is_zero_when_fake_score_equals_teacher(tiny_teacher_dir, method):
     m, batch = _method(tiny_teacher_dir, **method)
     torch.nn.init.normal_(m.fake.denoiser.model.conv_out.weight)        # make sure this test could fail ...
-    m.fake.denoiser.model.load_state_dict(m.teacher.model.state_dict())  # ... then fake == teacher
+    m.fake.denoiser.model.load_state_dict(m.denoiser.model.state_dict())  # ... then fake == teacher
     ctx = RecordingContext(m)
     m.generator_step(batch, ctx)
     grads = [g for g in ctx.grads["generator"]["generator"] if g is not None]
@@ -240,8 +248,8 @@ def test_sid_gradient_flows_through_the_teacher_input_dmd_does_not(tiny_teacher_
         torch.manual_seed(0)
         _perturb(m.fake)
         if detach_teacher:
-            teacher_forward = m.teacher.forward
-            m.teacher.forward = lambda *a, **k: teacher_forward(*a, **k).detach()
+            teacher_forward = m.denoiser.forward
+            m.denoiser.forward = lambda *a, **k: teacher_forward(*a, **k).detach()
         ctx = RecordingContext(m)
         m.generator_step(batch, ctx)
         return torch.cat([g.flatten() for g in ctx.grads["generator"]["generator"] if g is not None])

@@ -10,15 +10,15 @@ import pytest
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 
-from onestep.methods.uni_instruct import DIVERGENCES, DistributionMatchingLoss, UniInstructLoss, _h_terms
-from onestep.networks import bce_discriminator_loss, density_ratio
+from onestep.losses import DIVERGENCES, DistributionMatchingLoss, GANLoss, UniInstructLoss, density_ratio
+from onestep.losses import h_terms as _h_terms
 
 MU_P, S_P, SIG = 0.3, 1.0, 0.7
 TH0 = np.array([-0.2, 0.8])
 GZ, GW = hermegauss(80)
 GW = GW / GW.sum()
 
-F = {  # f(r) with r = p/q, matching onestep.methods.uni_instruct._h_terms (h = r^2 f'')
+F = {  # f(r) with r = p/q, matching onestep.losses.h_terms (h = r^2 f'')
     "rkl": lambda r: -np.log(r),
     "fkl": lambda r: r * np.log(r),
     "jeffreys": lambda r: (r - 1) * np.log(r),
@@ -177,7 +177,7 @@ def test_bce_discriminator_recovers_log_density_ratio():
 
     def closure():
         opt.zero_grad()
-        loss = bce_discriminator_loss(features(real) @ coef, features(fake) @ coef).mean()
+        loss = GANLoss().discriminator(features(real) @ coef, features(fake) @ coef)
         loss.backward()
         return loss
 

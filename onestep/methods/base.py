@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -66,23 +67,39 @@ def trainable_copy(teacher, network: NetworkConfig):
 
 @dataclass
 class Batch:
-    """Data for one step on this process: real samples x [B, ...] in the teacher's space (None for prompt-only
-    data) and the conditioning keyword tensors the networks take (class_labels, encoder_hidden_states, ...)."""
+    """Data for one step on this process: real samples x [B, ...] in the teacher's space (None for label- or
+    prompt-only data), the conditioning keyword tensors the networks take (class_labels, encoder_hidden_states, ...),
+    and per-row `extras` that are not network inputs (e.g. the stored noise of a (noise, sample) pair)."""
 
     x: torch.Tensor | None
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
     size: int = 0
     device: torch.device | str = "cpu"
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.size
 
+    def rows(self, index: slice | torch.Tensor) -> "Batch":
+        """The sub-batch of the given rows (how gradient accumulation splits a batch into micro-batches)."""
+        pick = (lambda v: v[index])  # noqa: E731
+        size = len(range(self.size)[index]) if isinstance(index, slice) else len(index)
+        return Batch(x=None if self.x is None else pick(self.x), cond={k: pick(v) for k, v in self.cond.items()},
+                     size=size, device=self.device, extras={k: pick(v) for k, v in self.extras.items()})
+
+    def split(self, parts: int) -> list["Batch"]:
+        """`parts` contiguous micro-batches (sizes differ by at most one row)."""
+        bounds = [round(i * self.size / parts) for i in range(parts + 1)]
+        return [self.rows(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
 
 def batch_from_data(data, indices: torch.Tensor) -> Batch:
-    """The Batch for dataset rows `indices` (`data.cond` holds the per-row conditioning for the teacher)."""
+    """The Batch for dataset rows `indices` (`data.cond` holds the per-row conditioning for the teacher, `data.extras`
+    any other per-row tensors)."""
     cond = {k: v[indices] for k, v in (data.cond or {}).items()}
+    extras = {k: v[indices] for k, v in (getattr(data, "extras", None) or {}).items()}
     x = None if data.x is None else data.x[indices]
-    return Batch(x=x, cond=cond, size=len(indices), device=indices.device)
+    return Batch(x=x, cond=cond, size=len(indices), device=indices.device, extras=extras)
 
 
 class StepContext(Protocol):
@@ -90,24 +107,37 @@ class StepContext(Protocol):
 
     step: int                       # global step, 0-based
     rng: torch.Generator            # this step's random stream on this process (derived from seed, step, rank)
+    shared_rng: torch.Generator     # this step's stream shared by every process (seed and step only): draw here
+                                    # whatever all ranks must agree on, e.g. which heads of a pool train this step
+    num_processes: int
 
     def net(self, name: str) -> nn.Module:
         """The trainer-wrapped (DDP/FSDP) module of a trainable network: call it where that network learns."""
 
-    def update(self, name: str, loss: torch.Tensor) -> None:
-        """Backward `loss` into network `name` and take its optimizer step (clipping, NaN policy inside)."""
+    def update(self, name: str, loss_fn: Callable[["Batch"], tuple[torch.Tensor, dict]], batch: "Batch") -> dict:
+        """One optimizer step of network `name` on `batch`: `loss_fn(micro_batch) -> (loss, logs)` is called once per
+        micro-batch (train.gradient_accumulation_steps; DDP synchronises on the last one only), its gradients are
+        accumulated row-weighted, then clipped, checked for non-finite values and applied. Returns the logs averaged
+        over the micro-batches."""
+
+    def reset_optimizer_state(self, name: str, parameters) -> None:
+        """Forget the optimizer state (Adam moments, step count) of the given parameters of network `name`: for
+        parameters that the method re-initialises (a refreshed discriminator head starts as new)."""
 
     def mean_across_processes(self, value: torch.Tensor) -> torch.Tensor:
         """Average a tensor over all processes (for batch statistics that must agree across ranks)."""
 
 
 class Method:
-    """Base class; subclasses set `name`, `Config`, and implement the four methods below."""
+    """Base class; subclasses set `name`, `Config`, and implement `trainable`, `step`, `sample`, `export` and
+    `smoke_recipe` (the tiny recipe the contract test in tests/test_method_contract.py runs for every method)."""
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
+    teacher_kind: ClassVar[str] = "diffusion"   # the bundle `onestep.teachers.open_teacher` opens for this method
     ema_network: ClassVar[str] = "generator"   # which trainable network gets an EMA copy (used for samples/export)
-    needs_teacher: ClassVar[bool] = True
+    sparse_networks: ClassVar[tuple[str, ...]] = ()  # networks of which a step may train only a subset: their
+    # gradients are averaged over processes by the trainer (not DDP), parameters without a gradient are not stepped
 
     def __init__(self, config: MethodConfig, teacher, data):
         self.config = config
@@ -117,7 +147,7 @@ class Method:
     @property
     def denoiser(self):
         """The denoiser whose conditioning and sample shape the method's networks share (the teacher's)."""
-        return self.teacher
+        return self.teacher.denoiser
 
     @property
     def num_classes(self) -> int | None:
@@ -138,10 +168,28 @@ class Method:
         """Samples from (an EMA copy of) the `ema_network`, for sample grids and evaluation."""
         raise NotImplementedError
 
-    def export(self, network: nn.Module, out_dir, card: dict[str, Any], edges: dict[str, Any]) -> None:
-        """Write the trained artifact (a diffusers pipeline folder) from (an EMA copy of) the `ema_network`;
-        `edges` are the teacher's VAE / text components that the pipeline needs around the network."""
+    def export(self, network: nn.Module, out_dir, card: dict[str, Any]) -> None:
+        """Write the trained artifact (a registered onestep pipeline folder) from (an EMA or raw copy of) the
+        `ema_network`; `self.teacher.edges` are the VAE / text components the pipeline needs around the network."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state that is not a network (a dual variable, a running statistic): saved in every checkpoint and
+        restored on resume, so resumed runs stay bit-exact. Tensors only (scalars as 0-d tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    smoke_variants: ClassVar[tuple[str, ...] | tuple[None]] = (None,)  # variants the contract test runs
+
+    @classmethod
+    def smoke_recipe(cls, teacher: str | None, variant: str | None = None) -> dict:
+        """A recipe (as a dict) that trains this method on tiny components in seconds: `teacher` is a tiny folder of
+        this method's `teacher_kind` (None for "none"), `variant` one of `smoke_variants`. The contract test
+        (tests/test_method_contract.py) runs it for every registered method."""
+        raise NotImplementedError(f"method {cls.name} has no smoke_recipe: every method must give one")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -169,14 +217,19 @@ def get_method(name: str) -> type[Method]:
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
-    """Freeze parameters while gradients still flow through the inputs (what SiD/Uni-Instruct need for the
-    teacher and fake score in the generator step; notes sec. 8.1)."""
+    """Freeze parameters and switch to eval mode (no dropout, running norm statistics) while gradients still flow
+    through the inputs: how the teacher and fake score take part in a generator update."""
     params = [p for m in modules for p in m.parameters()]
     states = [p.requires_grad for p in params]
+    training = [m.training for m in modules]
     for p in params:
         p.requires_grad_(False)
+    for m in modules:
+        m.eval()
     try:
         yield
     finally:
         for p, state in zip(params, states):
             p.requires_grad_(state)
+        for m, mode in zip(modules, training):
+            m.train(mode)

@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..denoisers import MLPModel, denoiser_from_pretrained
+from ..denoisers import denoiser_from_pretrained
+from ..networks import build_network
 from ..sampling.samplers import sample_euler, teacher_sigmas
 from .base import Batch, Method, MethodConfig, OptimizerConfig
 
@@ -28,7 +29,8 @@ DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000
 
 class DenoisingScoreMatchingConfig(MethodConfig):
     name: Literal["dsm"] = "dsm"
-    model_class: Literal["UNet2DModel", "MLPModel"] = "UNet2DModel"
+    model_class: str = Field("UNet2DModel", description="a diffusers or onestep model class: UNet2DModel, "
+                             "UNet2DConditionModel, MLPModel, ...")
     model: dict = Field(default_factory=lambda: dict(DEFAULT_UNET), description="the model class's config")
     scheduler: dict = Field(default_factory=lambda: dict(DEFAULT_SCHEDULER),
                             description="a diffusers scheduler config (with _class_name)")
@@ -41,7 +43,7 @@ class DenoisingScoreMatching(Method):
     name = "dsm"
     Config = DenoisingScoreMatchingConfig
     ema_network = "model"
-    needs_teacher = False
+    teacher_kind = "none"
 
     def __init__(self, config: DenoisingScoreMatchingConfig, teacher, data):
         super().__init__(config, teacher, data)
@@ -53,12 +55,13 @@ class DenoisingScoreMatching(Method):
             raise ValueError(f"method dsm trains on samples, but dataset {data.name!r} has none")
         num_classes = data.num_classes if config.class_conditional else None
         data.cond = {"class_labels": data.labels} if num_classes else {}
-        if config.model_class == "MLPModel":
-            model = MLPModel(**{"dim": data.x.shape[1], "num_classes": num_classes, **config.model})
+        if data.x.dim() == 2:  # points
+            defaults = {"dim": data.x.shape[1], "num_classes": num_classes}
         else:
             channels, size = data.x.shape[1], data.x.shape[-1]
-            model = diffusers.UNet2DModel(**{"sample_size": size, "in_channels": channels, "out_channels": channels,
-                                             "num_class_embeds": num_classes, **config.model})
+            defaults = {"sample_size": size, "in_channels": channels, "out_channels": channels,
+                        "num_class_embeds": num_classes}
+        model = build_network(config.model_class, config.model, **defaults)
         self.model_denoiser = denoiser_from_pretrained(model, self.scheduler)
 
     @property
@@ -69,6 +72,9 @@ class DenoisingScoreMatching(Method):
         return {"model": (self.model_denoiser, self.config.optimizer)}
 
     def step(self, batch: Batch, ctx) -> dict[str, float]:
+        return ctx.update("model", lambda b: self.loss(b, ctx), batch)
+
+    def loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch.x
         sigma = self.denoiser.schedule.training_sigmas(len(batch), ctx.rng, device=x0.device).float()
         eps = torch.randn(x0.shape, generator=ctx.rng, device=x0.device)
@@ -76,15 +82,23 @@ class DenoisingScoreMatching(Method):
         x0_hat = ctx.net("model")(x, sigma, **batch.cond)
         per_sample = (x0_hat - x0).flatten(1).pow(2).mean(1)
         loss = (self.denoiser.schedule.loss_weight(sigma) * per_sample).mean()
-        ctx.update("model", loss)
-        return {"loss/dsm": loss.item()}
+        return loss, {"loss/dsm": loss.item()}
 
     @torch.no_grad()
     def sample(self, network, noise, **cond):
         return sample_euler(network, noise, teacher_sigmas(network.schedule, self.config.sample_steps), **cond)
 
-    def export(self, network, out_dir, card, edges):
+    def export(self, network, out_dir, card):
         save_teacher_folder(network.model, self.scheduler, Path(out_dir), card)
+
+    @classmethod
+    def smoke_recipe(cls, teacher):
+        return {"data": {"name": "digits", "resolution": 8},
+                "method": {"name": cls.name, "model": {"block_out_channels": [8, 16], "norm_num_groups": 4,
+                                                       "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                                                       "up_block_types": ["UpBlock2D", "UpBlock2D"],
+                                                       "layers_per_block": 1},
+                           "sample_steps": 4}}
 
 
 def save_teacher_folder(model, scheduler, out_dir: Path, card: dict | None = None) -> None:

@@ -4,7 +4,7 @@ Wang et al., "Uni-Instruct: One-step Diffusion Model through Unified Diffusion D
 NeurIPS 2025 (arXiv 2505.20755). With x0 = G(z), x_t = x0 + sigma eps (VE), frozen teacher D_p and fake score D_q,
 delta = s_p - s_q = (D_p - D_q)/sigma^2, B = s_q - grad log q(x_t|x0) = (D_q - x0)/sigma^2 and r = p_t/q_t, the
 gradient of the expanded divergence  int w(t) E_q[h(r) ||delta||^2] dt  (h = r^2 f'') equals the pathwise
-gradient of (notes `uni_instruct.md` sec. 3.5, Theorem B):
+gradient of (Wang et al. 2025, Theorem 3.3; `onestep.losses.UniInstructLoss`):
 
     L_UI = w [ 2 sg[h] delta.B  +  sg[h - r h'] ||delta||^2  +  sg[-r^2 h'' ||delta||^2 delta + 2 r h' (delta.B) delta] . x_t ]
               ("sim" term)          ("fgm" term)                 ("di" term: a frozen direction)
@@ -25,77 +25,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch.nn import functional as F
 
 from ..generators import OneStepGenerator
 from ..lora import has_lora, merge_lora
-from ..networks import FakeScore, bce_discriminator_loss, density_ratio
+from ..losses import DIVERGENCES, DistributionMatchingLoss, GANLoss, UniInstructLoss, density_ratio, h_terms
+from ..networks import FakeScore
 from ..schedules import karras_sigmas, lognormal_sigmas
 from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, frozen, trainable_copy
-
-
-# --------------------------------------------------------------------------------------------------------------
-# f-divergences: h(r) = r^2 f''(r) and its first two derivatives (notes sec. 3.5 f-table)
-# --------------------------------------------------------------------------------------------------------------
-def _h_terms(name: str, r: torch.Tensor):
-    one, zero = torch.ones_like(r), torch.zeros_like(r)
-    if name == "rkl":            # KL(q||p), f = -log r
-        return one, zero, zero
-    if name == "fkl":            # KL(p||q), f = r log r
-        return r, one, zero
-    if name == "jeffreys":       # f = (r - 1) log r
-        return 1 + r, one, zero
-    if name == "js":             # Jensen-Shannon
-        return r / (1 + r), (1 + r) ** -2, -2 * (1 + r) ** -3
-    if name == "pearson":        # chi^2(p||q), f = (r - 1)^2
-        return 2 * r**2, 4 * r, 4 * one
-    if name == "neyman":         # chi^2(q||p), f = (1 - r)^2 / r
-        return 2 / r, -2 / r**2, 4 / r**3
-    if name == "hellinger":      # squared Hellinger, f = (sqrt r - 1)^2
-        return r.sqrt() / 2, r.rsqrt() / 4, -(r**-1.5) / 8
-    if name == "srkl":           # softened reverse KL, f = (r + 1) log((r + 1) / (2 r))
-        return 1 / (1 + r), -((1 + r) ** -2), 2 * (1 + r) ** -3
-    raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
-
-
-DIVERGENCES = ("rkl", "fkl", "jeffreys", "js", "pearson", "neyman", "hellinger", "srkl")
-
-
-class UniInstructLoss:
-    """Per-sample Uni-Instruct surrogate in x0 units (already multiplied by w = sigma^4/wf); notes sec. 3.5.
-
-    Inputs are per-sample tensors: x0 = G(z) (with grad), D_p(x_t), D_q(x_t) (frozen nets, grad through x_t), the
-    detached density ratio r [B], wf [B] and sigma [B]. (c_sim, c_fgm, c_di) = (1, 1, 1) is the exact gradient.
-    """
-
-    def __init__(self, divergence: str, c_sim: float = 1.0, c_fgm: float = 1.0, c_di: float = 1.0):
-        self.divergence, self.c_sim, self.c_fgm, self.c_di = divergence, c_sim, c_fgm, c_di
-
-    def __call__(self, x0, d_teacher, d_fake, r, wf, sigma):
-        d = (d_teacher - d_fake).flatten(1)        # sigma^2 delta
-        b = (d_fake - x0).flatten(1)               # sigma^2 B
-        h, h1, h2 = _h_terms(self.divergence, r)
-        dot_db, dot_dd = (d * b).sum(1), (d * d).sum(1)
-        sim = 2 * h * dot_db
-        fgm = (h - r * h1) * dot_dd
-        coef = (-(r**2) * h2 * dot_dd + 2 * r * h1 * dot_db) / sigma**2   # w * score-unit coefficient, / wf below
-        di = (coef.detach()[:, None] * d.detach() * x0.flatten(1)).sum(1)
-        return (self.c_sim * sim + self.c_fgm * fgm + self.c_di * di) / wf
-
-
-class DistributionMatchingLoss:
-    """Diff-Instruct / DMD2 / f-distill generator loss: the frozen direction h(r) (D_q - D_p) / wf on x0.
-
-    Its gradient is that of int w(t) D_f(p_t || q_t) dt (notes sec. 3.1); h = 1 is reverse KL (DI, DMD, DMD2).
-    """
-
-    def __init__(self, divergence: str):
-        self.divergence = divergence
-
-    def __call__(self, x0, d_teacher, d_fake, r, wf, sigma):
-        h = _h_terms(self.divergence, r)[0]
-        direction = (h[:, None] * (d_fake - d_teacher).flatten(1) / wf[:, None]).detach()
-        return (direction * x0.flatten(1)).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,20 +75,22 @@ class UniInstructConfig(MethodConfig):
 class UniInstruct(Method):
     name = "uni_instruct"
     Config = UniInstructConfig
+    smoke_variants = ("sid", "dmd", "ui")
 
     def __init__(self, config: UniInstructConfig, teacher, data):
         super().__init__(config, teacher, data)
-        self.gen = OneStepGenerator(trainable_copy(teacher, config.generator_network), config.sigma_init)
+        self.gen = OneStepGenerator(trainable_copy(teacher.denoiser, config.generator_network), config.sigma_init)
         example = {k: v[:1] for k, v in (data.cond or {}).items()}
         with_head = config.needs_ratio or config.gan_weight > 0
         if with_head and data.x is None:
             raise ValueError("method: the density ratio (divergence other than rkl) and the GAN term need real "
                              f"samples, but dataset {data.name!r} has none; use divergence: rkl and gan_weight: 0")
-        self.fake = FakeScore(trainable_copy(teacher, config.fake_network), with_head, example)
+        self.fake = FakeScore(trainable_copy(teacher.denoiser, config.fake_network), with_head, example)
+        self.gan = GANLoss("non_saturating")
         if config.loss == "dmd":
             self.loss = DistributionMatchingLoss(config.divergence)
         elif config.loss == "sid":
-            self.loss = UniInstructLoss("rkl", 0.5, 1 - config.alpha, 0.0)
+            self.loss = UniInstructLoss.sid(config.alpha)
         else:
             self.loss = UniInstructLoss(config.divergence, *config.terms)
 
@@ -170,6 +108,9 @@ class UniInstruct(Method):
 
     # (A) fake score (+ discriminator): denoising score matching on detached generator samples
     def fake_score_step(self, batch: Batch, ctx) -> dict[str, float]:
+        return ctx.update("fake_score", lambda b: self.fake_score_loss(b, ctx), batch)
+
+    def fake_score_loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, n = self.config, len(batch)
         with torch.no_grad():
             x_g = self.gen(self.noise(batch, ctx), **batch.cond)
@@ -182,23 +123,20 @@ class UniInstruct(Method):
             cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
             sigma2 = torch.cat([sigma, sigma])
         d_fake, logit = ctx.net("fake_score")(x_in, sigma2 if train_d else sigma, with_logit=train_d, **cond)
-        weight = self.teacher.schedule.loss_weight(sigma)
+        weight = self.denoiser.schedule.loss_weight(sigma)
         loss_dsm = (weight * (d_fake[:n] - x_g).flatten(1).pow(2).sum(1)).mean()
         logs = {"loss/fake_dsm": loss_dsm.item()}
         loss = loss_dsm
         if train_d:
-            loss_d = bce_discriminator_loss(logit[n:], logit[:n]).mean()
+            loss_d = self.gan.discriminator(logit_real=logit[n:], logit_fake=logit[:n])
             loss = loss + cfg.discriminator_weight * loss_d
             logs["loss/discriminator"] = loss_d.item()
-        ctx.update("fake_score", loss)
-        return logs
+        return loss, logs
 
     # (B) generator: the Uni-Instruct / SiD / DMD surrogate through frozen teacher and fake score
     def generator_step(self, batch: Batch, ctx) -> dict[str, float]:
         with frozen(self.fake):  # through backward too: gradient checkpointing re-runs the fake's forward there
-            loss, logs = self.generator_loss(batch, ctx)
-            ctx.update("generator", loss)
-        return logs
+            return ctx.update("generator", lambda b: self.generator_loss(b, ctx), batch)
 
     def generator_loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
@@ -209,51 +147,61 @@ class UniInstruct(Method):
         use_gan = cfg.gan_weight > 0 and ctx.step >= cfg.gan_start_step
         input_grads = not isinstance(self.loss, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
         with torch.set_grad_enabled(input_grads):
-            d_teacher = self.teacher(x_t, sigma, **batch.cond)
+            d_teacher = self.denoiser(x_t, sigma, **batch.cond)
             d_fake, logit = self.fake(x_t, sigma, with_logit=use_ratio or use_gan, **batch.cond)
         wf = (x0 - d_teacher).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
         r = density_ratio(logit) if use_ratio else torch.ones_like(sigma)
         per_sample = self.loss(x0, d_teacher, d_fake, r, wf, sigma)
         if use_ratio and cfg.normalize_h:  # mean-normalised h (FastGen f-distill): only the step size changes
-            per_sample = per_sample / ctx.mean_across_processes(_h_terms(cfg.divergence, r)[0].mean())
+            per_sample = per_sample / ctx.mean_across_processes(h_terms(cfg.divergence, r)[0].mean())
         loss = cfg.generator_loss_scale * per_sample.mean()
         logs = {"loss/generator": loss.item(), "ratio/mean": r.mean().item()}
         if use_gan:
-            loss_gan = F.softplus(-logit).mean()   # non-saturating GAN (SiDA, DMD2)
+            loss_gan = self.gan.generator(logit_fake=logit)   # non-saturating GAN (SiDA, DMD2)
             loss = loss + cfg.gan_weight * loss_gan
             logs["loss/generator_gan"] = loss_gan.item()
         return loss, logs
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def noise(self, batch: Batch, ctx) -> torch.Tensor:
-        return torch.randn((len(batch), *self.teacher.sample_shape), generator=ctx.rng, device=batch.device)
+        return torch.randn((len(batch), *self.sample_shape), generator=ctx.rng, device=batch.device)
 
     def generator_sigmas(self, n, ctx, device):
         sigma = karras_sigmas(n, ctx.rng, u_max=self.config.tmax / 1000, device=device)
-        return self.teacher.round_sigma(self.teacher.schedule.shifted(sigma)).float().to(device)
+        return self.denoiser.round_sigma(self.denoiser.schedule.shifted(sigma)).float().to(device)
 
     def fake_sigmas(self, n, ctx, device):
         if self.config.fake_sigma == "native":
-            sigma = self.teacher.schedule.training_sigmas(n, ctx.rng, device=device)
+            sigma = self.denoiser.schedule.training_sigmas(n, ctx.rng, device=device)
         else:
-            sigma = self.teacher.schedule.shifted(lognormal_sigmas(n, ctx.rng, device=device))
-        return self.teacher.round_sigma(sigma).float().to(device)
+            sigma = self.denoiser.schedule.shifted(lognormal_sigmas(n, ctx.rng, device=device))
+        return self.denoiser.round_sigma(sigma).float().to(device)
 
     @torch.no_grad()
     def sample(self, network, noise, **cond):
         return network(noise, **cond)
 
-    def export(self, network, out_dir, card, edges):
+    def export(self, network, out_dir, card):
         from ..pipelines import OneStepPipeline
 
         card = {"method": f"Uni-Instruct ({self.config.loss}, {self.config.divergence})", **card}
         if has_lora(network.denoiser.model) and self.config.export == "merged":
             network = copy.deepcopy(network)
             merge_lora(network.denoiser.model)
-        OneStepPipeline.from_generator(network, self.teacher.scheduler, card, edges).save_pretrained(Path(out_dir))
+        OneStepPipeline.from_generator(network, self.teacher.scheduler, card, self.teacher.edges).save_pretrained(
+            Path(out_dir))
 
     def generator(self) -> OneStepGenerator:
         return self.gen
+
+    @classmethod
+    def smoke_recipe(cls, teacher, variant="ui"):
+        """sid / dmd: the reverse-KL cases; ui: forward KL with the density-ratio head and the GAN term."""
+        method = {"sid": {"loss": "sid"}, "dmd": {"loss": "dmd"},
+                  "ui": {"loss": "ui", "divergence": "fkl", "gan_weight": 1.0}}[variant]
+        return {"teacher": teacher, "data": {"name": "digits", "resolution": 8},
+                "method": {"name": cls.name, **method, "generator_optimizer": {"lr": 1e-3},
+                           "fake_optimizer": {"lr": 1e-3}}}
 
 
 def _bc(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,41 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..safe_io import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem  # noqa: F401  (re-exported)
+
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 TMP_DIR = re.compile(r"^\.tmp_step_\d{7}_\d+$")
 STATE_FILE = "trainer_state.json"
-# Weight formats that are Python pickles: unpickling can run arbitrary code, so they are refused by name, unread.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def refuse_pickle(path) -> None:
-    """Raise a clear error if `path` names a pickle-format weights file (it is never opened)."""
-    suffix = Path(str(path)).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: {suffix} files are Python pickles, which can run code when loaded, so onestep "
-                         "never opens them; convert the weights to safetensors (load them where you trust the file, "
-                         "then save_pretrained(..., safe_serialization=True)) and pass that folder")
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file (None if it is). Reads the header only."""
-    size = path.stat().st_size
-    if size < 8:
-        return f"{size} bytes, too short for a safetensors file"
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            return "truncated (the header runs past the end of the file)"
-        try:
-            header = json.loads(f.read(header_len))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return "not a safetensors file (unreadable header)"
-    if size < 8 + header_len + end:
-        return f"truncated ({size} of {8 + header_len + end} bytes)"
-    return None
-
-
 def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """load_file with errors that name the file and the fix."""
     if not path.is_file():
@@ -91,8 +61,12 @@ def resolve_checkpoint(root: Path, which: str) -> Path:
     return path
 
 
+METHOD_STATE_FILE = "method_state.safetensors"
+
+
 def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], state: dict, keep: int) -> Path:
+                    optimizers: dict[str, torch.optim.Optimizer], state: dict, keep: int,
+                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.iterdir():  # a save killed half-way leaves its temporary folder: never a checkpoint, drop it
         if TMP_DIR.match(stale.name):
@@ -116,6 +90,13 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
             raise FloatingPointError(f"not saving step {step}: optimizer {name} has non-finite state ({bad[0]}, ...)")
         save_file(tensors, tmp / f"optimizer_{name}.safetensors")
         optimizer_meta[name] = meta
+    if method_state:  # state of the method that is not a network (a dual variable, a running statistic)
+        tensors = _contiguous(method_state)
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FloatingPointError(f"not saving step {step}: method state {bad[0]} is not finite")
+        save_file(tensors, tmp / METHOD_STATE_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizers": optimizer_meta}, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
@@ -144,8 +125,8 @@ def read_state(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> dict:
-    """Load weights and optimizer states in place; returns the saved trainer state (step, counters)."""
+                    optimizers: dict[str, torch.optim.Optimizer], method=None) -> dict:
+    """Load weights, optimizer states and the method's own state in place; returns the saved trainer state."""
     state = read_state(path)
     fit = ("it was made with another teacher or network config: resume with the recipe that made it, or start "
            "fresh without --resume")
@@ -162,7 +143,72 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module],
             optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizers"][name]))
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise ValueError(f"{path}: optimizer {name} state does not fit this recipe ({err}); {fit}") from err
+    if method is not None:
+        file = path / METHOD_STATE_FILE
+        try:
+            method.load_state_dict(load_safetensors(file, "method state") if file.is_file() else {})
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: method state does not fit this recipe ({err}); {fit}") from err
     return state
+
+
+def load_initial_weights(module: torch.nn.Module, path: str, network: str, weights: str = "ema") -> None:
+    """Start `module` from another run's weights (chained stages): `path` is a onestep export (its network
+    component: unet / transformer / ...) or a checkpoint folder (`weights` "ema": the EMA copy when `network` is the
+    run's EMA network, "raw": `network`'s trained weights). Tensors are matched by the names of the module's own
+    diffusers/transformers model, so a denoiser can start a one-step generator of the same architecture."""
+    from ..safe_io import refuse_pickle
+
+    refuse_pickle(path)
+    folder = Path(path)
+    if (folder / STATE_FILE).is_file():
+        state = read_state(folder)
+        name = "ema" if weights == "ema" and state.get("ema_network", network) == network else network
+        source = load_safetensors(folder / f"{name}.safetensors", f"{name} weights")
+    elif (folder / "model_index.json").is_file():
+        index = json.loads((folder / "model_index.json").read_text())
+        slots = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+                 and k not in ("scheduler", "vae") and not k.startswith(("text_encoder", "tokenizer"))]
+        slot = next((k for k in ("unet", "transformer", network) if k in slots), slots[0] if slots else None)
+        files = sorted((folder / slot).glob("*.safetensors")) if slot else []
+        if not files:
+            raise FileNotFoundError(f"{path}: no network weights (*.safetensors) in this export; pass the pipeline/ "
+                                    "folder of a finished run, or a checkpoints/step_XXXXXXX folder")
+        source = {}
+        for file in files:
+            source.update(load_safetensors(file, f"{slot} weights"))
+    else:
+        raise FileNotFoundError(f"init_from {path}: neither a onestep export (model_index.json) nor a checkpoint "
+                                f"folder ({STATE_FILE}); pass RUN/pipeline or RUN/checkpoints/step_XXXXXXX")
+    target = _weights_owner(module, source)
+    missing = [k for k in target.state_dict() if k not in source]
+    if missing:
+        raise ValueError(f"init_from {path}: its {network} weights do not fit this network (no tensor for "
+                         f"{missing[0]!r}); start from a run of the same architecture")
+    try:
+        target.load_state_dict({k: source[k] for k in target.state_dict()})
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ValueError(f"init_from {path}: {network} weights do not fit this network ({detail}); start from a "
+                         "run of the same architecture") from None
+
+
+def _weights_owner(module: torch.nn.Module, source: dict) -> torch.nn.Module:
+    """The outermost sub-module of `module` all of whose tensors are in `source` under one common prefix (a
+    checkpoint's `denoiser.model.`, or none for an export's component); `source` is re-keyed to its names in place."""
+    for _, sub in module.named_modules():
+        keys = list(sub.state_dict())
+        if not keys:
+            continue
+        for key in source:
+            prefix = key[: len(key) - len(keys[0])]
+            if key.endswith(keys[0]) and prefix in ("", *(p for p in [prefix] if p.endswith("."))) \
+                    and all(prefix + k in source for k in keys):
+                picked = {k: source[prefix + k] for k in keys}
+                source.clear()
+                source.update(picked)
+                return sub
+    return module
 
 
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

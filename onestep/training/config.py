@@ -50,11 +50,20 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "constant", description="learning-rate schedule of every optimizer (diffusers.optimization), over train.steps")
     lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps of the schedule")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="split each update's batch into this "
+                                             "many micro-batches (less memory; DDP synchronises on the last only)")
+    export_raw: bool = Field(False, description="also export the raw (non-EMA) weights to OUT/pipeline_raw")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _mixed_precision_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+
+class InitFromConfig(StrictModel):
+    path: str = Field(description="another run's export (RUN/pipeline) or checkpoint (RUN/checkpoints/step_XXXXXXX)")
+    network: str | None = Field(None, description="the network's name in that checkpoint (default: the same name)")
+    weights: Literal["ema", "raw"] = Field("ema", description="checkpoints: the EMA copy or the trained weights")
 
 
 class EMAConfig(StrictModel):
@@ -76,6 +85,8 @@ class RunConfig(StrictModel):
                                           "cpu_offload}")
     data: DataConfig = DataConfig()
     method: MethodConfig
+    init_from: dict[str, InitFromConfig] = Field(default_factory=dict, description="start trainable networks from "
+                                                 "another run: {network name: path or {path, network, weights}}")
     train: TrainConfig = TrainConfig()
     ema: EMAConfig = EMAConfig()
     eval: EvalConfig = EvalConfig()
@@ -84,6 +95,13 @@ class RunConfig(StrictModel):
     @classmethod
     def _teacher_as_path(cls, value):
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _init_from_as_paths(cls, value):
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -6,6 +6,7 @@ tqdm), sample grids, FID, checkpoints (atomic, full state, `--resume latest`) an
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,8 +22,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..methods.base import Method, batch_from_data, get_method
+from ..methods.base import Batch, Method, batch_from_data, get_method
 from . import checkpoint as ckpt
+from ..teachers import open_teacher
 from .config import RunConfig, dump_config
 from .visuals import plot_metrics, save_samples
 
@@ -38,17 +40,35 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def shared_step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The random stream of one step that every process shares: a pure function of (seed, step) alone (a separate
+    spawn key keeps it apart from every rank's own stream)."""
+    state = np.random.SeedSequence([seed, step], spawn_key=(1,)).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 class _Context:
     """The StepContext a method sees for one step."""
 
     def __init__(self, trainer: "Trainer", step: int, rng: torch.Generator):
         self.trainer, self.step, self.rng = trainer, step, rng
+        self.num_processes = trainer.accelerator.num_processes
+        self._shared_rng = None
+
+    @property
+    def shared_rng(self) -> torch.Generator:
+        if self._shared_rng is None:
+            self._shared_rng = shared_step_generator(self.trainer.config.seed, self.step, self.trainer.accelerator.device)
+        return self._shared_rng
 
     def net(self, name):
         return self.trainer.prepared[name]
 
-    def update(self, name, loss):
-        self.trainer.apply_update(name, loss, self.step)
+    def update(self, name, loss_fn, batch):
+        return self.trainer.apply_update(name, loss_fn, batch, self.step)
+
+    def reset_optimizer_state(self, name, parameters):
+        self.trainer.reset_optimizer_state(name, parameters)
 
     def mean_across_processes(self, value):
         return self.trainer.accelerator.reduce(value.detach().float(), reduction="mean")
@@ -73,17 +93,17 @@ class Trainer:
 
         self.data = load_dataset(config.data.name, config.data.resolution, config.data.num_samples, config.seed,
                                  channels=config.data.channels)
+        self.pixels = self.data.x  # what samples are compared with (before a latent teacher encodes the data)
         method_cls = get_method(config.method.name)
-        self.teacher, self.latents, self.pixels, self.edges = None, None, self.data.x, {}
-        if method_cls.needs_teacher:
-            if not config.teacher:
-                raise ValueError(f"teacher: method {config.method.name!r} needs a teacher (a diffusers folder or "
-                                 "hub id)")
-            self.teacher = self._prepare_teacher_and_data(config.teacher, device)
-        self.data.x = self.data.x.to(device) if self.data.x is not None else None
+        if method_cls.teacher_kind == "none" and config.teacher is not None:
+            raise ValueError(f"teacher: method {config.method.name!r} uses no teacher; remove the teacher key")
+        self.teacher = open_teacher(config.teacher, method_cls.teacher_kind, device, self.data)
+        for key in ("x", "labels"):
+            if getattr(self.data, key) is not None:
+                setattr(self.data, key, getattr(self.data, key).to(device))
         self.data.cond = {k: v.to(device) for k, v in (self.data.cond or {}).items()}
-        if self.data.labels is not None:
-            self.data.labels = self.data.labels.to(device)
+        if getattr(self.data, "extras", None):
+            self.data.extras = {k: v.to(device) for k, v in self.data.extras.items()}
         try:
             self.method: Method = method_cls(config.method, self.teacher, self.data)
         except (TypeError, AttributeError) as err:  # e.g. a model/scheduler config in the recipe with a wrong key
@@ -93,14 +113,24 @@ class Trainer:
                               "check the method's model/scheduler settings against the docs") from err
 
         nets = self.method.trainable()
+        for name, init in config.init_from.items():  # chained stages: start a network from another run's weights
+            if name not in nets:
+                raise ValueError(f"init_from.{name}: method {config.method.name} trains no network {name!r}; "
+                                 f"valid: {', '.join(nets)}")
+            ckpt.load_initial_weights(nets[name][0], init.path, init.network or name, init.weights)
         self.modules = {name: module.to(device) for name, (module, _) in nets.items()}
-        optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, eps=o.eps,
-                                              weight_decay=o.weight_decay)
+        optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr,
+                                              betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
                       for name, (module, o) in nets.items()}
         names = list(nets)
-        prepared = self.accelerator.prepare(*[self.modules[n] for n in names], *[optimizers[n] for n in names])
-        self.prepared = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(names, prepared[len(names):]))
+        self.sparse = set(method_cls.sparse_networks)
+        if self.sparse - set(names):
+            raise ValueError(f"method {config.method.name}: sparse_networks {sorted(self.sparse - set(names))} are not "
+                             "among its trainable networks")
+        dense = [n for n in names if n not in self.sparse]  # DDP-wrapped; sparse ones average gradients themselves
+        prepared = self.accelerator.prepare(*[self.modules[n] for n in dense], *[optimizers[n] for n in names])
+        self.prepared = {**{n: self.modules[n] for n in names}, **dict(zip(dense, prepared[: len(dense)]))}
+        self.optimizers = dict(zip(names, prepared[len(dense):]))
         # The schedule's multiplier is set from the step at every update (not stepped), so resume needs no state.
         self.lr_lambdas = {n: get_scheduler(config.train.lr_schedule, optimizers[n],
                                             num_warmup_steps=config.train.lr_warmup_steps,
@@ -122,47 +152,29 @@ class Trainer:
         if resume:
             self._resume(resume)
 
-    def _prepare_teacher_and_data(self, spec, device):
-        """Load the frozen teacher (dtype, offload, guidance) and bring the data into its space: images of a
-        latent teacher are encoded once, rows get the teacher's conditioning (labels or text embeddings)."""
-        from ..conditioning import PromptEncoder, row_conditioning
-        from ..denoisers import GuidedDenoiser, load_teacher
-        from ..latents import LatentSpace
-
-        teacher = load_teacher(spec.path).to(dtype=getattr(torch, spec.dtype))
-        if spec.cpu_offload and device.type != "cpu":
-            from accelerate import cpu_offload
-
-            cpu_offload(teacher.model, execution_device=device)
-        else:
-            teacher.to(device)
-        self.latents = LatentSpace.from_pretrained(spec.path)
-        if self.latents is not None:
-            self.latents.to(device)
-            if self.data.x is not None:
-                self.data.x = self.latents.encode(self.data.x.to(device)).cpu()
-        check_teacher_matches_data(teacher, self.data)
-        prompts = PromptEncoder.from_pretrained(spec.path, network=teacher.model)
-        self.data.cond, uncond = row_conditioning(self.data, teacher.num_classes, prompts, device)
-        if self.latents is not None:  # what the exported pipeline needs around the generator network
-            self.edges["vae"] = self.latents.vae
-        if prompts is not None:
-            self.edges.update(prompts.components, prompt_pipeline=type(prompts.pipeline).__name__)
-        if spec.guidance_scale != 1.0:
-            if uncond is None:
-                raise ValueError("teacher.guidance_scale needs a text-conditional teacher (its empty-prompt "
-                                 "embedding is the unconditional branch); set it to 1")
-            teacher = GuidedDenoiser(teacher, spec.guidance_scale, uncond)
-        return teacher
-
     # --- one update of one network (called by methods through the StepContext) ----------------------------------
-    def apply_update(self, name: str, loss: torch.Tensor, step: int) -> None:
-        optimizer = self.optimizers[name]
-        self.accelerator.backward(loss)
-        params = [p for p in self.modules[name].parameters() if p.requires_grad]
+    def apply_update(self, name: str, loss_fn, batch: Batch, step: int) -> dict[str, float]:
+        """Micro-batches of `batch` (train.gradient_accumulation_steps), backward of each row-weighted loss (DDP
+        synchronises on the last one only), then clipping, the non-finite policy and the optimizer step."""
+        optimizer, module = self.optimizers[name], self.prepared[name]
+        parts = batch.split(min(self.config.train.gradient_accumulation_steps, len(batch)))
+        total, logs = 0.0, {}
+        for i, part in enumerate(parts):
+            weight = len(part) / len(batch)
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or name in self.sparse else self.accelerator.no_sync(module)
+            with sync:
+                loss, part_logs = loss_fn(part)
+                self.accelerator.backward(loss * weight)
+            total = total + loss.detach().float() * weight
+            for key, value in part_logs.items():
+                logs[key] = logs.get(key, 0.0) + value * weight
+        if name in self.sparse:
+            self._average_sparse_gradients(name)
+        params = [p for p in self.modules[name].parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.config.train.grad_clip_norm or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        bad = torch.tensor(0.0 if torch.isfinite(loss) and torch.isfinite(grad_norm) else 1.0, device=loss.device)
+        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        bad = torch.tensor(0.0 if torch.isfinite(total) and torch.isfinite(grad_norm) else 1.0, device=total.device)
         if self.accelerator.num_processes > 1:  # every rank must take the same decision
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
@@ -171,16 +183,41 @@ class Trainer:
             policy = self.config.train.nan_policy
             if policy == "stop" or self.skipped_updates > self.config.train.max_skipped_steps:
                 raise TrainingStopped(
-                    f"step {step}: non-finite {name} loss or gradient (loss={loss.item():.4g}); "
+                    f"step {step}: non-finite {name} loss or gradient (loss={total.item():.4g}); "
                     f"{self.skipped_updates} update(s) skipped so far (train.nan_policy={policy}, "
                     f"train.max_skipped_steps={self.config.train.max_skipped_steps}). Lower the learning rate, set "
                     "train.grad_clip_norm, or use train.mixed_precision=bf16 instead of fp16.")
-            return
+            return logs
         for group, lr_lambda in zip(optimizer.param_groups, self.lr_lambdas[name]):
             group["lr"] = group["initial_lr"] * lr_lambda(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._last_grad_norms[name] = float(grad_norm)
+        return logs
+
+    def _average_sparse_gradients(self, name: str) -> None:
+        """Average the gradients of a sparsely updated network over processes, parameter by parameter, for exactly
+        the parameters that received one (the same on every rank when the subset came from `ctx.shared_rng`);
+        the others keep no gradient, so the optimizer leaves them (and their moments) untouched."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        used = [i for i, p in enumerate(self.modules[name].parameters()) if p.grad is not None]
+        signature = torch.tensor([len(used), sum(used)], device=acc.device, dtype=torch.float64)
+        if not (acc.gather(signature[None]) == signature).all():
+            raise RuntimeError(f"network {name}: processes trained different parameter subsets this step; draw the "
+                               "subset from ctx.shared_rng (shared by all ranks), not ctx.rng")
+        grads = [p.grad for p in self.modules[name].parameters() if p.grad is not None]
+        if grads:
+            flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+    def reset_optimizer_state(self, name: str, parameters) -> None:
+        optimizer = self.optimizers[name]
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for p in parameters:
+            inner.state.pop(p, None)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -240,7 +277,7 @@ class Trainer:
 
     def to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples in the teacher's space -> what a person (and FID) looks at: decoded images for latent teachers."""
-        return self.latents.decode(samples) if self.latents is not None else samples
+        return self.teacher.to_pixels(samples) if self.teacher is not None else samples
 
     def evaluate(self) -> dict:
         """Frechet distance of EMA samples to the dataset's images (the extractor named in eval); needs images."""
@@ -258,25 +295,31 @@ class Trainer:
     def export(self, result: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        network = self.ema_network()
-        bad = [k for k, v in network.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise FloatingPointError(f"not exporting: the EMA {self.method.ema_network} has non-finite weights "
-                                     f"({bad[0]}, ...); nothing was written. Resume from an earlier checkpoint with "
-                                     "a lower learning rate or train.grad_clip_norm set")
-        card = {"teacher": self.config.teacher.path if self.config.teacher else None, "dataset": self.config.data.name, "steps": self.config.train.steps}
+        card = {"teacher": self.config.teacher.path if self.config.teacher else None, "dataset": self.config.data.name,
+                "steps": self.config.train.steps}
         if "fid" in result:
             from ..eval import fid_protocol
 
             card["fid"] = result["fid"]
             card["fid_protocol"] = fid_protocol(self.config.eval.feature_extractor, self.config.eval.num_samples,
                                                 len(self.data), self.config.data.name, 1)
+        self._export_atomically(self.ema_network(), "pipeline", {**card, "weights": "ema"})
+        if self.config.train.export_raw:  # the raw (non-EMA) weights too, e.g. for a later stage's init_from
+            raw = self.accelerator.unwrap_model(self.prepared[self.method.ema_network])
+            self._export_atomically(raw, "pipeline_raw", {k: v for k, v in card.items() if k != "fid"} | {"weights": "raw"})
+
+    def _export_atomically(self, network, folder: str, card: dict) -> None:
+        bad = [k for k, v in network.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not exporting: the {card['weights'].replace('ema', 'EMA')} {self.method.ema_network} has non-finite "
+                                     f"weights ({bad[0]}, ...); nothing was written. Resume from an earlier checkpoint "
+                                     "with a lower learning rate or train.grad_clip_norm set")
         # Written under a temporary name, then swapped in: a crash mid-export leaves the previous export intact.
-        final, tmp, old = (self.out / name for name in ("pipeline", f".tmp_pipeline_{os.getpid()}",
-                                                         f".old_pipeline_{os.getpid()}"))
-        for stale in [*self.out.glob(".tmp_pipeline_*"), *self.out.glob(".old_pipeline_*")]:  # from a killed export
+        final, tmp, old = (self.out / name for name in (folder, f".tmp_{folder}_{os.getpid()}",
+                                                         f".old_{folder}_{os.getpid()}"))
+        for stale in [*self.out.glob(f".tmp_{folder}_*"), *self.out.glob(f".old_{folder}_*")]:  # a killed export
             shutil.rmtree(stale, ignore_errors=True)
-        self.method.export(network, tmp, card, self.edges)
+        self.method.export(network, tmp, card)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -299,9 +342,9 @@ class Trainer:
             modules = {n: acc.unwrap_model(m) for n, m in self.prepared.items()}
             modules["ema"] = self.ema_network()
             state = {"ema_optimization_step": self.ema.optimization_step, "skipped_updates": self.skipped_updates,
-                     "method": self.config.method.name}
+                     "method": self.config.method.name, "ema_network": self.method.ema_network}
             ckpt.save_checkpoint(self.out / "checkpoints", step, modules, self.optimizers, state,
-                                 self.config.train.keep_checkpoints)
+                                 self.config.train.keep_checkpoints, self.method.state_dict())
         acc.wait_for_everyone()
 
     def _resume(self, which: str) -> None:
@@ -312,7 +355,7 @@ class Trainer:
                              "resume with the recipe that made it, or start fresh without --resume")
         modules = {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
         modules["ema"] = self.ema_module
-        state = ckpt.load_checkpoint(path, modules, self.optimizers)
+        state = ckpt.load_checkpoint(path, modules, self.optimizers, self.method)
         self.ema = EMAModel(self._ema_params(self.ema_module), decay=self.config.ema.decay, use_ema_warmup=False)
         self.ema.optimization_step = state["ema_optimization_step"]
         self.start_step, self.skipped_updates = state["step"], state["skipped_updates"]
@@ -360,23 +403,3 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
-
-
-def check_teacher_matches_data(teacher, data) -> None:
-    if data.x is None:  # prompt-only data: nothing to compare
-        return
-    want, have = tuple(teacher.sample_shape), tuple(data.x.shape[1:])
-    if want != have:
-        fixes = []
-        if len(want) == len(have) == 3:
-            if want[0] != have[0]:
-                fixes.append(f"data.channels: {want[0]}")
-            if want[1:] != have[1:]:
-                fixes.append(f"data.resolution: {want[-1]}")
-        fix = f"set {' and '.join(fixes)}" if fixes else "use a dataset of the teacher's kind (images vs points)"
-        raise ValueError(f"teacher samples have shape {want} but dataset {data.name!r} has {have}; {fix} to match "
-                         "the teacher")
-    if teacher.num_classes and data.labels is None:
-        raise ValueError(f"the teacher is class-conditional ({teacher.num_classes} classes) but dataset "
-                         f"{data.name!r} has no labels; use a labelled dataset (digits, shapes) or an unconditional "
-                         "teacher")
