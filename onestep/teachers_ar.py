@@ -34,7 +34,7 @@ from torch import nn
 from .denoisers import import_trusted_class, load_component, read_model_index
 
 CLASS_NAME = "AutoregressiveTeacher"
-_FOLDER = "an AutoregressiveTeacher folder (model_index.json, lm/, vq/) written by AutoregressiveTeacher.save_pretrained"
+_FOLDER = "an AutoregressiveTeacher folder (model_index.json, lm/, vq/) written by its save_pretrained"
 
 
 class AutoregressiveTeacher(nn.Module):

@@ -131,8 +131,8 @@ def test_per_token_noise_levels(scheduler):
     labels = torch.tensor([1, 3])
     with torch.no_grad():
         out = denoiser(x, sigma, class_labels=labels)
-        one_by_one = torch.stack([torch.stack([
-            denoiser(x[b, i][None], sigma[b, i], class_labels=labels[b][None])[0] for i in range(5)]) for b in range(2)])
+        one_by_one = torch.stack([torch.stack([denoiser(x[b, i][None], sigma[b, i], class_labels=labels[b][None])[0]
+                                               for i in range(5)]) for b in range(2)])
         per_row = denoiser(x, sigma[:, 2], class_labels=labels)
         shared = denoiser(x, 0.7, class_labels=labels)
     assert out.shape == x.shape

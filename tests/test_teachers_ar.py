@@ -58,7 +58,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(teacher):
     greedy = draw(0, top_k=1)
     assert torch.equal(greedy, draw(5, top_k=1))  # no randomness left
     with torch.no_grad():
-        assert torch.equal(teacher.logits(greedy, LABELS).argmax(-1), greedy)  # each token is the argmax given its prefix
+        assert torch.equal(teacher.logits(greedy, LABELS).argmax(-1), greedy)  # argmax given the prefix
 
 
 def test_cfg_through_the_null_class(teacher):
