@@ -146,7 +146,9 @@ class AutoregressiveTeacher(nn.Module):
             logits = out.logits[:, -1, : self.num_codes].float()
             logits = self._combine(logits, s) if guided else logits
             p = self.probs(logits, temperature, top_k)
-            token = torch.multinomial(p, 1, generator=generator)
+            # drawn where the generator lives (a CPU generator seeds GPU sampling, as in diffusers pipelines)
+            where = p.device if generator is None else generator.device
+            token = torch.multinomial(p.to(where), 1, generator=generator).to(p.device)
             tokens.append(token)
             step_logits.append(logits)
             ids = torch.cat([token, token]) if guided else token
