@@ -79,9 +79,9 @@ def write_pairs(sample_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.T
     manifest = {"format": FORMAT, "num": num, "shard_size": shard_size, "noise_shape": list(noise_shape),
                 "num_classes": num_classes, "seed": seed, "source": source}
     state = PartialState()
+    _check_out(out, manifest)  # on every process, before anything is written: all refuse alike
+    state.wait_for_everyone()
     if state.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{out}: is a file; pass a folder for the pairs (--out DIR)")
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.iterdir():  # a killed writer's temporary file: never a shard
             if TMP_RE.match(stale.name):
@@ -89,7 +89,6 @@ def write_pairs(sample_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.T
         if not (out / MANIFEST).is_file():
             _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     state.wait_for_everyone()
-    _check_manifest(out, manifest)
 
     start, written, skipped = time.perf_counter(), 0, 0
     mine = list(range(state.process_index, num_shards, state.num_processes))
@@ -240,8 +239,18 @@ def _read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
+def _check_out(out: Path, manifest: dict) -> None:
+    """The output folder is new, empty, or a pairs folder of the same settings (then it is resumed)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; pass a folder for the pairs (--out DIR)")
+    if not out.is_dir():
+        return
     found = _read_manifest(out)
+    if found is None:
+        if any(out.iterdir()):
+            raise ValueError(f"{out}: folder is not empty and was not written by the pair writer (no {MANIFEST}); "
+                             "choose a new or empty folder")
+        return
     differ = [k for k in manifest if found.get(k) != manifest[k]]
     if differ:
         was = ", ".join(f"{k}={found.get(k)!r}" for k in differ)
