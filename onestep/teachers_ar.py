@@ -97,14 +97,15 @@ class AutoregressiveTeacher(nn.Module):
             raise ValueError("class_labels given to an unconditional AR teacher (num_classes null); pass None")
         labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
-            raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+            raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got "
+                             f"{int(labels.min())}..{int(labels.max())}")
         return labels + self.num_codes
 
     # --- the token law ----------------------------------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor, class_labels: torch.Tensor | None = None,
                guidance_scale: float | None = None) -> torch.Tensor:
         """[B, n, K] float32 (guided) logits of every image position by teacher forcing, in one forward: position i
-        is conditioned on the class token and tokens[:, :i]. No grad is disabled here: the caller decides."""
+        is conditioned on the class token and tokens[:, :i]. Runs with autograd as the caller has it set."""
         tokens = self._check_tokens(tokens)
         s = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         prefix = self.class_tokens(class_labels, len(tokens))
@@ -130,8 +131,10 @@ class AutoregressiveTeacher(nn.Module):
     def sample(self, class_labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
                guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                batch_size: int | None = None, return_logits: bool = False):
-        """[B, n] image tokens drawn step by step with a KV cache (`cache`, `past_key_values` before transformers 5.x):
-        n forwards of one token each.
+        """[B, n] image tokens drawn step by step with a KV cache (transformers' `cache`, `past_key_values` in older
+        releases): n forwards of one token each, each step drawing from `probs` of the guided logits (LlamaGen's
+        order: CFG, then temperature, then top-k). Defaults: the folder's guidance_scale, temperature, top_k; a
+        `generator` makes it reproducible; batch_size is needed only when class_labels is None.
         `return_logits` also returns the [B, n, K] guided logits each step drew from (equal to `logits` of the
         result by teacher forcing)."""
         s = self.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -211,7 +214,7 @@ class AutoregressiveTeacher(nn.Module):
     def save_pretrained(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(path / "lm")  # transformers >= 5 writes safetensors only
+        self.lm.save_pretrained(path / "lm")  # safetensors: transformers' only format since 5.0, default since 4.35
         self.vq.save_pretrained(path / "vq", safe_serialization=True)
         index = {"_class_name": CLASS_NAME, "lm": ["transformers", type(self.lm).__name__],
                  "vq": ["diffusers", type(self.vq).__name__], **self.config_dict()}

@@ -151,3 +151,22 @@ def test_encode_decode_layout(teacher):
     emb = teacher.codebook[tokens].detach().requires_grad_(True)
     teacher.decode_embeddings(emb).square().sum().backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0  # gradients reach the embeddings (DD2's generator)
+
+
+def test_unconditional_teacher_and_label_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=K + 1, n_positions=17, n_embd=32, n_layer=1, n_head=4,
+                                    bos_token_id=K, eos_token_id=K))
+    teacher = AutoregressiveTeacher(lm, tiny_vq(), None, GRID).eval()
+    tokens, step_logits = teacher.sample(batch_size=3, generator=torch.Generator().manual_seed(0), return_logits=True)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.logits(tokens), step_logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="unconditional AR teacher"):
+        teacher.logits(tokens, torch.zeros(3, dtype=torch.long))
+    conditional = AutoregressiveTeacher(tiny_lm("gpt2"), tiny_vq(), C, GRID)
+    with pytest.raises(ValueError, match=r"class_labels must be in 0\.\.2, got 0\.\.3"):
+        conditional.sample(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"tokens must be image codes 0\.\.15, got 0\.\.16"):
+        conditional.logits(torch.tensor([[0] * 15 + [K]]), torch.tensor([0]))
