@@ -12,6 +12,7 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
   onestep train recipes/digits16_sid.yaml       run a recipe (any method, any diffusers teacher)
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
+  onestep pairs TEACHER --out DIR -n 10000      (noise, sample) pairs of a teacher's ODE, data: pairs:DIR
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png --filter keep    drop likely hallucinations
   onestep fid runs/quickstart/pipeline onestep:digits -n 1000 --seed 1    its FID (= the quickstart's student_fid)
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_pretrain(sub)
+    _add_pairs(sub)
     _add_quickstart(sub)
     _add_sample(sub)
     _add_fid(sub)
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "sample":
             print("onestep sample: interrupted (finished files are complete; rerun the same command to write the "
+                  "rest)", file=sys.stderr)
+        elif args.command == "pairs":
+            print("onestep pairs: interrupted (finished shards are complete; rerun the same command to write the "
                   "rest)", file=sys.stderr)
         elif args.command == "fid":
             print("onestep fid: interrupted (nothing was measured; cached reference statistics are complete)",
@@ -134,6 +139,63 @@ def _run_pretrain(args):
         overrides.append(f"data.resolution={args.resolution}")
     config = load_config(pretrain_recipe(args.data), overrides)
     _print_result(Trainer(config).train(), config.output_dir)
+
+
+# --- pairs ------------------------------------------------------------------------------------------------------
+def _add_pairs(sub):
+    p = sub.add_parser("pairs", help="write (noise, sample) pairs of a teacher's deterministic sampler",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        Sample a diffusers teacher's probability-flow ODE (deterministic Euler = DDIM for DDPM teachers) from stored
+        Gaussian noise and write the pairs as safetensors shards, the data `pairs:DIR` of reflow-style recipes:
+          onestep pairs assets/teachers/digits16 --out runs/pairs -n 10000 --steps 50
+          accelerate launch -m onestep pairs TEACHER --out DIR -n 100000       shards split over processes
+        Class-conditional teachers get balanced labels (row i: i mod the number of classes). Samples are in the
+        teacher's space (latents for a latent teacher). Shard s depends only on --seed and s, so any number of
+        processes writes the same files, and rerunning the same command after an interruption writes only the
+        missing shards."""))
+    p.add_argument("teacher", help="diffusers teacher folder (unconditional or class-conditional)")
+    p.add_argument("--out", required=True, help="output folder (pairs_XXXXXX.safetensors + pairs.json)")
+    p.add_argument("-n", "--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps of the teacher's ODE (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per teacher call")
+    p.add_argument("--shard-size", type=int, default=1024, help="pairs per shard file (the unit of resume)")
+    p.set_defaults(run=_run_pairs)
+
+
+def _run_pairs(args):
+    from pathlib import Path
+
+    from .data.pairs import write_pairs
+    from .denoisers import load_teacher, read_model_index
+
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be 1..1000 Euler steps, got {args.steps}")
+    index = read_model_index(args.teacher)
+    if isinstance(index.get("text_encoder"), list) and index["text_encoder"][0] is not None:
+        raise ValueError(f"{args.teacher}: a text-to-image teacher needs prompts; onestep pairs writes pairs of "
+                         "unconditional and class-conditional teachers")
+    from accelerate import PartialState
+
+    from .sampling.samplers import sample_euler, teacher_sigmas
+
+    device = PartialState().device
+    teacher = load_teacher(args.teacher).to(device)
+    sigmas = teacher_sigmas(teacher.schedule, args.steps).to(device)
+
+    def sample_fn(noise, class_labels):
+        cond = {} if class_labels is None else {"class_labels": class_labels}
+        return sample_euler(teacher, noise, sigmas, **cond)
+
+    local = Path(args.teacher)
+    source = {"teacher": str(local.resolve()) if local.is_dir() else args.teacher, "sampler": "euler",
+              "steps": args.steps}
+    result = write_pairs(sample_fn, teacher.sample_shape, args.num, args.out, num_classes=teacher.num_classes,
+                         seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, source=source)
+    if PartialState().is_main_process:
+        print(f"{result.out}: {result.num} pairs in {result.shards} shards complete ({result.written} written now, "
+              f"{result.skipped} already there, by this process) in {result.seconds:.1f} s; use data.name: "
+              f"pairs:{result.out}")
 
 
 # --- quickstart -------------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ TRUSTED_LIBRARIES = ("diffusers", "transformers", "onestep")
 class Denoiser(nn.Module):
     """Base class. Subclasses implement `denoise`; `forward` can also return the activations of named layers of the
     network (`return_features`), read by forward hooks during that one pass, so discriminator heads need no second
-    pass. `feature_layers()` lists the encoder layers a UNet offers: conv_in, each down block, the mid block."""
+    pass. `feature_layers()` lists the encoder layers a UNet offers: conv_in, each down block, the mid block.
+
+    sigma is a number, one level per sample ([B]), or one per token, shaped like the leading dimensions of x
+    ([B, n] for x [B, n, d]: AR-diffusion heads, DD2); the network then receives timesteps of that shape."""
 
     schedule: Schedule
 
@@ -134,11 +137,11 @@ class EDMDenoiser(Denoiser):
 
     def denoise(self, x, sigma, **cond):
         sd = self.schedule.sigma_data
+        c_noise = self.schedule.timestep(sigma.float())  # shaped like sigma: [B], or [B, n] per token
         sigma = _expand(sigma, x).float()
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
-        c_noise = self.schedule.timestep(sigma.flatten(1)[:, 0])
         dtype = self.model.dtype
         out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **_cast(cond, dtype),
                          return_dict=False)[0].float()
@@ -165,16 +168,19 @@ class MLPModel(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
-        t = timestep.reshape(-1, 1).to(sample.dtype).expand(sample.shape[0], 1)
+        # sample [..., dim] (e.g. [B, dim] points or [B, n, dim] tokens); timestep and labels per leading index or
+        # broadcast along the trailing leading dims (a [B] timestep is shared by the n tokens of a row)
+        lead = sample.shape[:-1]
+        t = _lead(timestep.to(sample.dtype), lead).reshape(-1, 1)
         angles = 2 * math.pi * t * self.time_freqs
-        h = self.inp(torch.cat([sample, angles.sin(), angles.cos()], dim=1))
+        h = self.inp(torch.cat([sample.reshape(-1, sample.shape[-1]), angles.sin(), angles.cos()], dim=1))
         if self.label_embed is not None:
-            h = h + self.label_embed(class_labels)
+            h = h + self.label_embed(_lead(class_labels, lead).reshape(-1))
         for i, block in enumerate(self.blocks):
             h = h + block(h)
             if i == len(self.blocks) // 2:
                 h = self.mid_block(h)
-        out = self.out(h)
+        out = self.out(h).reshape(sample.shape)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -360,8 +366,14 @@ def _short(err: Exception, limit: int = 200) -> str:
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    """Noise levels as [B] (one per sample), or shaped like the leading dimensions of x when given so (per token:
+    [B, n] for x [B, n, d]); a scalar is shared by the batch."""
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-    return sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
+    if sigma.numel() == 1:
+        return sigma.reshape(-1).expand(x.shape[0])
+    if sigma.numel() != x.shape[0] and 1 < sigma.dim() < x.dim() and sigma.shape == x.shape[: sigma.dim()]:
+        return sigma
+    return sigma.reshape(-1)
 
 
 def _cast(cond: dict, dtype: torch.dtype) -> dict:
@@ -370,4 +382,13 @@ def _cast(cond: dict, dtype: torch.dtype) -> dict:
 
 
 def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
+    """A per-sample [B] (or per-token [B, n]) coefficient with trailing singleton dims, to broadcast against x."""
+    lead = tuple(c.shape) if c.dim() > 1 else (-1,)
+    return c.reshape(*lead, *[1] * (x.dim() - len(lead))).to(x.device)
+
+
+def _lead(v: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """A scalar, [1], [B] or lead-shaped tensor broadcast to the leading shape `lead` ([B] or [B, n])."""
+    if v.dim() == 0 or v.dim() > len(lead):
+        v = v.reshape(-1)
+    return v.reshape(*v.shape, *[1] * (len(lead) - v.dim())).expand(*lead)

@@ -10,14 +10,22 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def run_two_processes(recipe, out: Path, overrides: list[str]) -> list[dict]:
+def launch_cpu_processes(args: list[str], num_processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` on `num_processes` CPU processes (gloo), one thread each; args: a script and its
+    arguments, or -m MODULE ...; this checkout's onestep is imported. Asserts a zero exit."""
+    tests = Path(__file__).parent
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(WORKER), str(recipe), str(out), *overrides]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           *args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def run_two_processes(recipe, out: Path, overrides: list[str]) -> list[dict]:
+    launch_cpu_processes([str(WORKER), str(recipe), str(out), *overrides])
     return [load_file(out / f"rank{r}_of_2.safetensors") for r in (0, 1)]
 
 

@@ -140,3 +140,66 @@ def test_unknown_dataset_lists_names():
     with pytest.raises(ValueError) as err:
         load_dataset("mnist")
     assert all(name in str(err.value) for name in DATASETS)
+    assert {"pairs:<path>", "captions:<path>", "classes:<K>", "none"} <= set(DATASETS)
+
+
+def test_captioned_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    for name in ("b.png", "a.jpg", "sub/c.png"):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a red  circle\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("ein grüner Kreis", encoding="utf-8")
+    data = load_dataset(f"captions:{tmp_path}", resolution=8)
+    assert data.prompts == ["a red circle", "", "ein grüner Kreis"]  # sorted paths: a.jpg, b.png, sub/c.png
+    assert data.x.shape == (3, 3, 8, 8) and data.kind == "image" and len(data) == 3
+    assert torch.equal(data.x, load_dataset(f"folder:{tmp_path}", resolution=8).x)  # the same pixels as folder:
+    sub = load_dataset(f"captions:{tmp_path}", resolution=8, num_samples=2, seed=1)
+    for x, prompt in zip(sub.x, sub.prompts):                                # subsets keep image and caption together
+        assert torch.equal(x, data.x[data.prompts.index(prompt)])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "missing caption of c.png; every image of a captions: folder needs a sidecar .txt"),
+    ("caf\xe9".encode("latin-1"), "caption is not UTF-8 text"),
+    (("x" * 2001).encode(), "caption is 2001 characters, more than 2000")])
+def test_captioned_folder_errors(tmp_path, content, message):
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "c.png")
+    if content is not None:
+        (tmp_path / "c.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_dataset(f"captions:{tmp_path}")
+    assert "\n" not in str(err.value) and str(tmp_path / "c.txt") in str(err.value)
+    with pytest.raises(ValueError, match="not a directory; set data.name to captions:"):
+        load_dataset(f"captions:{tmp_path / 'missing'}")
+
+
+def test_classes_and_none():
+    data = load_dataset("classes:10")
+    assert data.x is None and data.num_classes == 10 and len(data) == 1000 and data.kind == "classes"
+    assert torch.equal(torch.bincount(data.labels), torch.full((10,), 100))
+    assert torch.equal(load_dataset("classes:3", num_samples=7).labels, torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    nothing = load_dataset("none", num_samples=64)
+    assert len(nothing) == 64 and nothing.x is None and nothing.labels is None and nothing.prompts is None
+    assert len(load_dataset("none")) > 0
+    for bad in ("classes:0", "classes:-3", "classes:ten", "classes:", "classes:2.5"):
+        with pytest.raises(ValueError, match="K must be a positive int .the number of classes., e.g. classes:10"):
+            load_dataset(bad)
+    with pytest.raises(ValueError, match="classes:10: has no images; remove data.resolution"):
+        load_dataset("classes:10", resolution=16)
+    with pytest.raises(ValueError, match="none: has no images; remove data.channels"):
+        load_dataset("none", channels=3)
+
+
+def test_extras_ride_with_the_rows():
+    from dataclasses import replace
+
+    from onestep.data.datasets import _subset
+
+    data = load_dataset("digits", resolution=8)
+    data = replace(data, extras={"noise": data.x * 3})
+    sub = _subset(data, 50, seed=2)
+    assert torch.equal(sub.extras["noise"], sub.x * 3) and sub.labels.shape == (50,)
+    rgb = load_dataset("digits", resolution=8, channels=3, num_samples=5)
+    assert rgb.x.shape == (5, 3, 8, 8) and rgb.labels.shape == (5,)

@@ -115,3 +115,28 @@ def test_flow_training_sigmas_respect_the_shift_and_cap():
     assert shifted.median() > plain.median()  # SD3's shift moves mass to higher noise
     t = FlowMatchSchedule.t_of_sigma(shifted)
     assert float(t.max()) <= 0.99 + 1e-9 and math.isfinite(float(shifted.max()))
+
+
+@pytest.mark.parametrize("scheduler", [EDMEulerScheduler(sigma_data=0.5), DDPMScheduler(beta_schedule="linear")])
+def test_per_token_noise_levels(scheduler):
+    """sigma [B, n] on x [B, n, d] (issue 9: noise levels shaped like the leading dims of x): every token is
+    denoised at its own level, exactly as if it were a sample of its own; [B] and scalar levels broadcast."""
+    from onestep.denoisers import MLPModel
+
+    torch.manual_seed(0)
+    denoiser = denoiser_from_pretrained(MLPModel(dim=3, hidden=16, depth=2, num_classes=4), scheduler).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, generator=g)
+    sigma = torch.tensor([[0.05, 0.3, 1.0, 2.0, 8.0], [0.1, 0.5, 0.7, 3.0, 20.0]])
+    labels = torch.tensor([1, 3])
+    with torch.no_grad():
+        out = denoiser(x, sigma, class_labels=labels)
+        one_by_one = torch.stack([torch.stack([denoiser(x[b, i][None], sigma[b, i], class_labels=labels[b][None])[0]
+                                               for i in range(5)]) for b in range(2)])
+        per_row = denoiser(x, sigma[:, 2], class_labels=labels)
+        shared = denoiser(x, 0.7, class_labels=labels)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, one_by_one, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, denoiser(x, sigma.flip(1), class_labels=labels))  # the level reaches each token
+    torch.testing.assert_close(per_row, denoiser(x, sigma[:, 2:3].expand(2, 5), class_labels=labels))
+    torch.testing.assert_close(shared, denoiser(x, torch.full((2, 5), 0.7), class_labels=labels))
