@@ -125,6 +125,33 @@ class OneStepSource(_Bundle):
         return self.generator.denoiser.scheduler
 
 
+@dataclass
+class AutoregressiveSource(_Bundle):
+    """An image auto-regressive teacher (`onestep.teachers_ar.AutoregressiveTeacher`: causal LM over VQ codes).
+    Samples live in its codebook-embedding space, [n tokens, d]; `to_pixels` decodes them with the VQ decoder."""
+
+    kind: ClassVar[str] = "autoregressive"
+    model: Any = None
+
+    @property
+    def sample_shape(self):
+        return (self.model.seq_len, int(self.model.codebook.shape[1]))
+
+    @property
+    def num_classes(self):
+        return self.model.num_classes
+
+    def to_pixels(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_embeddings(samples)
+
+    def prepare_data(self, data, device) -> None:
+        """Rows get class labels (the class prefix token); the data's images, if any, are not the teacher's space."""
+        if self.num_classes and data.labels is None:
+            raise ValueError(f"the teacher is class-conditional ({self.num_classes} classes) but dataset "
+                             f"{data.name!r} has no labels; use classes:{self.num_classes} or a labelled dataset")
+        data.cond = {"class_labels": data.labels} if self.num_classes else {}
+
+
 def open_teacher(spec, kind: str, device, data=None):
     """Open the folder `spec.path` once as a teacher of `kind` (see the module docstring), frozen, in `spec.dtype`,
     on `device` (or CPU-offloaded), and bring `data` into its space. Returns the bundle, or None for kind "none"."""
@@ -140,7 +167,8 @@ def open_teacher(spec, kind: str, device, data=None):
     if kind == "autoregressive":
         from .teachers_ar import AutoregressiveTeacher
 
-        bundle = AutoregressiveTeacher.from_pretrained(spec.path).to(device, dtype=dtype)
+        bundle = AutoregressiveSource(path=spec.path, model=AutoregressiveTeacher.from_pretrained(
+            spec.path, device=device, torch_dtype=dtype))
     else:
         bundle = _open_pipeline_folder(spec, kind, device, dtype)
     if data is not None:

@@ -129,6 +129,7 @@ class Trainer:
                              "among its trainable networks")
         dense = [n for n in names if n not in self.sparse]  # DDP-wrapped; sparse ones average gradients themselves
         prepared = self.accelerator.prepare(*[self.modules[n] for n in dense], *[optimizers[n] for n in names])
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)  # one object comes back bare
         self.prepared = {**{n: self.modules[n] for n in names}, **dict(zip(dense, prepared[: len(dense)]))}
         self.optimizers = dict(zip(names, prepared[len(dense):]))
         # The schedule's multiplier is set from the step at every update (not stepped), so resume needs no state.
