@@ -1,20 +1,23 @@
-"""Two real CPU processes (gloo) through `accelerate launch`: DDP keeps every rank's weights identical."""
+"""Two real CPU processes (gloo) through `accelerate launch`, for every method of the contract (each variant's
+smoke recipe): DDP keeps every rank's weights identical, gradient accumulation included (DDP synchronises on the
+last micro-batch only)."""
 import pytest
 import yaml
 
-from conftest import tiny_run_config
 from distributed import assert_ranks_identical, run_two_processes
-from onestep.training.config import dump_config
-
-METHODS = {"sid": dict(loss="sid"), "ui_fkl_gan": dict(loss="ui", divergence="fkl", gan_weight=0.01)}
+from test_method_contract import contract_cases, contract_recipe
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_cpu_processes_end_with_identical_parameters(tiny_teacher_dir, tmp_path, method):
-    config = tiny_run_config(tiny_teacher_dir, tmp_path, steps=4, generator_optimizer={"lr": 1e-3},
-                             fake_optimizer={"lr": 1e-3}, **METHODS[method])
+@pytest.fixture(scope="module")
+def teachers(tiny_teacher_dir, tiny_export_dir):
+    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None}
+
+
+@pytest.mark.parametrize("name,variant", contract_cases())
+def test_two_cpu_processes_end_with_identical_parameters(name, variant, teachers, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(dump_config(config))
+    accumulate = 2 if variant in (None, "ui") else 1
+    recipe.write_text(yaml.safe_dump(contract_recipe(name, variant, teachers, tmp_path / "run",
+                                                     gradient_accumulation_steps=accumulate)))
     assert_ranks_identical(run_two_processes(recipe, tmp_path / "run", []))
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()  # the main process exported
-    assert yaml.safe_load(recipe.read_text())["method"]["loss"] == METHODS[method]["loss"]

@@ -263,3 +263,26 @@ def test_step_randomness_is_a_function_of_seed_step_and_rank():
     assert torch.equal(a, torch.randn(4, generator=step_generator(0, 5, 0, "cpu")))
     assert not torch.equal(a, torch.randn(4, generator=step_generator(0, 5, 1, "cpu")))
     assert not torch.equal(a, torch.randn(4, generator=step_generator(0, 6, 0, "cpu")))
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient(tiny_teacher_dir, tmp_path):
+    """Two micro-batches of 2 rows give the gradient of the batch of 4 (row-weighted), and one optimizer step."""
+    from onestep.methods.base import Batch
+
+    trainer = Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=1))
+    module = trainer.modules["generator"]
+    x = torch.randn(4, 3)
+
+    def loss_fn(b):
+        out = module.denoiser.model.conv_in.weight.sum() * b.x.sum(1)
+        return out.pow(2).mean(), {"loss/x": float(b.x.mean())}
+
+    batch = Batch(x=x, size=4)
+    expected = torch.autograd.grad(loss_fn(batch)[0], module.denoiser.model.conv_in.weight)[0]
+    grads = []
+    trainer.optimizers["generator"].step = lambda: grads.append(module.denoiser.model.conv_in.weight.grad.clone())
+    trainer.config.train.gradient_accumulation_steps = 2
+    logs = trainer.apply_update("generator", loss_fn, batch, 0)
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], expected)
+    assert logs["loss/x"] == pytest.approx(float(x.mean()))
