@@ -68,6 +68,12 @@ def karras_sigmas(n: int, generator: torch.Generator | None = None, sigma_min: f
     With u_max = tmax/1000 = 0.8 the range is [0.002, 24.41] with median ~0.97 (SiD `sid_loss.py`).
     """
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64) * u_max
+    return karras_sigma_at(u, sigma_min, sigma_max, rho)
+
+
+def karras_sigma_at(u: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0) -> torch.Tensor:
+    """The Karras rho-grid at position (1 - u): u = 0 is sigma_min, u = 1 is sigma_max (increasing in u)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + (1 - u) * (lo - hi)) ** rho
 
@@ -115,6 +121,11 @@ class Schedule:
     def shifted(self, sigma: torch.Tensor) -> torch.Tensor:
         """Move drawn noise levels the way the family's sampler does (identity except for shifted flows)."""
         return sigma
+
+    def distillation_window(self) -> tuple[float, float]:
+        """Default native-timestep window [t_min, t_max] for the generator loss's noise levels: the whole range
+        the network was trained on (discrete VP schedules narrow it, see there)."""
+        return float(self.timestep(torch.tensor(self.sigma_min))), float(self.timestep(torch.tensor(self.sigma_max)))
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Weight that turns ||x0_hat - x0||^2 into the family's native MSE (eps-, v- or flow-MSE)."""
@@ -172,6 +183,14 @@ class DiscreteVPSchedule(Schedule):
     def training_sigmas(self, n, generator=None, device=None):
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
         return self.sigmas.to(t.device)[t]
+
+    def distillation_window(self):
+        """[20, 979] of 1000 steps, scaled to num_train_timesteps: the window SiD-LSG (mingyuanzhou/SiD-LSG,
+        `sid_training_loop.py`: `torch.randint(tmin=20, tmax=980)`) and DMD2 (tianweiy/DMD2, `min_step_percent`
+        0.02, `max_step_percent` 0.98) evaluate discrete teachers in. Near t = 0 the teacher and fake score agree
+        to within their errors and the normalised direction is noise; near t = T the input is almost pure noise."""
+        n = self.num_train_timesteps
+        return float(round(0.02 * n)), float(round(0.979 * n))
 
     def loss_weight(self, sigma):
         if self.prediction_type == "epsilon":  # ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2
