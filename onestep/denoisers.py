@@ -100,7 +100,9 @@ class DiffusersDenoiser(Denoiser):
         x_t = a * x
         t = self.schedule.timestep(sigma)
         dtype = self.model.dtype
-        out = self.model(x_t.to(dtype), timestep=t.to(dtype), **_cast(cond, dtype), return_dict=False)[0].float()
+        # the timestep stays fp32 whatever the network's dtype (bf16 would turn 625 into 624 and 999 into 1000);
+        # diffusers' timestep embeddings compute their sinusoids in fp32 and cast the result themselves
+        out = self.model(x_t.to(dtype), timestep=t.float(), **_cast(cond, dtype), return_dict=False)[0].float()
         out = out[:, : x.shape[1]]  # learned-variance models emit 2C channels; the first C are the prediction
         return x0_from_prediction(out, x_t.float(), a.float(), s.float(), self.schedule.prediction_type)
 
@@ -118,7 +120,7 @@ class EDMDenoiser(Denoiser):
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = self.schedule.timestep(sigma.flatten(1)[:, 0])
         dtype = self.model.dtype
-        out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **_cast(cond, dtype),
+        out = self.model((c_in * x).to(dtype), timestep=c_noise.float(), **_cast(cond, dtype),  # c_noise in fp32
                          return_dict=False)[0].float()
         return c_skip * x + c_out * out
 
@@ -143,9 +145,9 @@ class MLPModel(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
-        t = timestep.reshape(-1, 1).to(sample.dtype).expand(sample.shape[0], 1)
-        angles = 2 * math.pi * t * self.time_freqs
-        h = self.inp(torch.cat([sample, angles.sin(), angles.cos()], dim=1))
+        t = timestep.reshape(-1, 1).float().expand(sample.shape[0], 1)   # Fourier features in fp32, then cast
+        angles = 2 * math.pi * t * self.time_freqs.float()
+        h = self.inp(torch.cat([sample, angles.sin().to(sample.dtype), angles.cos().to(sample.dtype)], dim=1))
         if self.label_embed is not None:
             h = h + self.label_embed(class_labels)
         for i, block in enumerate(self.blocks):
