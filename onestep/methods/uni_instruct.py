@@ -118,7 +118,8 @@ class UniInstructConfig(MethodConfig):
     discriminator_weight: float = Field(1.0, ge=0)
     fake_steps_per_generator_step: int = Field(1, ge=1)
     generator_start_step: int = Field(0, ge=0, description="fake-score warm-up: no generator update before this")
-    divergence_start_step: int = Field(0, ge=0, description="h = 1 (reverse KL) before this step")
+    divergence_start_step: int = Field(0, ge=0, description="the reverse-KL loss (SiD alpha = 1; DMD for loss: dmd) "
+                                       "before this step, the chosen divergence from it on")
     gan_start_step: int = Field(0, ge=0)
     normalize_h: bool = True
     generator_optimizer: OptimizerConfig = OptimizerConfig()
@@ -213,13 +214,15 @@ class UniInstruct(Method):
         x_t = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=ctx.rng, device=x0.device)
         use_ratio = cfg.needs_ratio and ctx.step >= cfg.divergence_start_step
         use_gan = cfg.gan_weight > 0 and ctx.step >= cfg.gan_start_step
-        input_grads = not isinstance(self.loss, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
+        # divergence warm-up: the reverse-KL loss itself (not r = 1 put into another divergence's terms)
+        loss_fn = self.loss if use_ratio or not cfg.needs_ratio else _reverse_kl_form(self.loss)
+        input_grads = not isinstance(loss_fn, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
         with torch.set_grad_enabled(input_grads):
             d_teacher = self.teacher(x_t, sigma, **batch.cond)
             d_fake, logit = self.fake(x_t, sigma, with_logit=use_ratio or use_gan, **batch.cond)
         wf = (x0 - d_teacher).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
         r = density_ratio(logit) if use_ratio else torch.ones_like(sigma)
-        per_sample = self.loss(x0, d_teacher, d_fake, r, wf, sigma)
+        per_sample = loss_fn(x0, d_teacher, d_fake, r, wf, sigma)
         if use_ratio and cfg.normalize_h:  # mean-normalised h (FastGen f-distill): only the step size changes
             per_sample = per_sample / ctx.mean_across_processes(_h_terms(cfg.divergence, r)[0].mean())
         loss = cfg.generator_loss_scale * per_sample.mean()
@@ -275,6 +278,15 @@ class UniInstruct(Method):
 
     def generator(self) -> OneStepGenerator:
         return self.gen
+
+
+def _reverse_kl_form(loss):
+    """The reverse-KL loss of the same family, used before `divergence_start_step`: for the Uni-Instruct surrogate
+    SiD with alpha = 1, (D_p - D_q).(D_q - x0) / wf, which is the official Uni-Instruct generator loss before its
+    density ratio switches on (a-little-hoof/Uni_Instruct, `fsim_loss.py`); for the frozen direction, h = 1 (DMD)."""
+    if isinstance(loss, DistributionMatchingLoss):
+        return DistributionMatchingLoss("rkl")
+    return UniInstructLoss("rkl", 0.5, 0.0, 0.0)
 
 
 def _first_u_at_or_above(level, value: float, a: float, b: float) -> float:
