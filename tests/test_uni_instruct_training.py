@@ -120,3 +120,24 @@ def test_divergence_warm_up_is_the_reverse_kl_loss(loss, divergence, reference):
     # from the start step on, the chosen divergence (with its density ratio) takes over
     _, grad_after = _generator_loss_and_grad(method, step=10)
     assert (grad_after - grad_rkl).norm() > 0.05 * grad_rkl.norm()
+
+
+def test_fake_score_is_in_eval_mode_for_the_generator_pass():
+    """A fake score with dropout: the generator's pass must see it in eval mode (a deterministic function), and the
+    fake score is back in train mode for its own update."""
+    method = _grid_method(loss="sid")
+    model = method.fake.denoiser.model
+    model.mid_block = torch.nn.Dropout(0.5)   # where a UNet would have dropout; the grid MLP has none
+    seen = []
+    model.mid_block.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    assert method.fake.training
+    logs = method.generator_step(_batch(method), _Ctx(method, step=0))
+    assert seen == [False] and method.fake.training and model.mid_block.training and logs["loss/generator"] != 0
+    # frozen: the fake score is a deterministic function of its inputs; outside, dropout is on again
+    from onestep.methods.base import frozen
+
+    with torch.no_grad():
+        with frozen(method.fake):
+            x = torch.randn(8, 2)
+            torch.testing.assert_close(method.fake(x, 1.0)[0], method.fake(x, 1.0)[0])
+        assert not torch.equal(method.fake(x, 1.0)[0], method.fake(x, 1.0)[0])   # train mode: dropout is on

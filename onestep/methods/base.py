@@ -170,13 +170,20 @@ def get_method(name: str) -> type[Method]:
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """Freeze parameters while gradients still flow through the inputs (what SiD/Uni-Instruct need for the
-    teacher and fake score in the generator step; notes sec. 8.1)."""
+    teacher and fake score in the generator step: SiD, Zhou et al. 2024, Algorithm 1), and put the modules in eval
+    mode (dropout off, normalisation statistics fixed), restoring both afterwards."""
     params = [p for m in modules for p in m.parameters()]
     states = [p.requires_grad for p in params]
+    submodules = [sub for m in modules for sub in m.modules()]
+    modes = [sub.training for sub in submodules]
     for p in params:
         p.requires_grad_(False)
+    for sub in submodules:
+        sub.training = False
     try:
         yield
     finally:
         for p, state in zip(params, states):
             p.requires_grad_(state)
+        for sub, mode in zip(submodules, modes):
+            sub.training = mode
