@@ -93,7 +93,8 @@ class Denoiser(nn.Module):
 
 
 class DiffusersDenoiser(Denoiser):
-    """A diffusers model under a VP or flow-matching schedule, seen as a VE denoiser (DESIGN.md table)."""
+    """A diffusers model under a VP or flow-matching schedule, seen as a VE denoiser (the table in
+    docs/schedules.md)."""
 
     def denoise(self, x, sigma, **cond):
         a, s = (_expand(c, x) for c in self.schedule.coefficients(sigma))

@@ -56,10 +56,12 @@ class FakeScore(nn.Module):
 
 
 def bce_discriminator_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
-    """Per-sample BCE: real -> 1, fake -> 0. At the optimum logit = log(p/q) (the density ratio, notes sec. 3.5)."""
+    """Per-sample BCE: real -> 1, fake -> 0. At the optimum logit = log(p/q), the density
+    ratio (the optimal discriminator p/(p+q), Goodfellow et al. 2014, Prop. 1; docs/uni_instruct.md sec. 5)."""
     return F.softplus(-logit_real) + F.softplus(logit_fake)
 
 
 def density_ratio(logit: torch.Tensor, logit_clamp: float = 10.0, r_min: float = 0.1, r_max: float = 20.0):
-    """r = p/q from a discriminator logit, clamped as in FastGen's f-distill and detached (notes sec. 3.5, 8.5)."""
+    """r = p/q from a discriminator logit, clamped as in FastGen's f-distill (github.com/NVlabs/FastGen)
+    and detached (docs/uni_instruct.md sec. 5)."""
     return logit.detach().clamp(-logit_clamp, logit_clamp).exp().clamp(r_min, r_max)

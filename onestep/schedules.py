@@ -10,8 +10,8 @@ A `Schedule` tells how to turn that VE pair into what a particular model was tra
     x_model = a * x0 + s * eps  with   s = a * sigma.
 
 and back, through the prediction-type conversions below. Discrete VP (DDPM/DDIM, `alphas_cumprod`) and flow
-matching (`FlowMatchEulerDiscreteScheduler`) are the two families diffusers uses; see
-`shared/methods/uni_instruct.md` section 7 for the derivations. x0 is always computed here, never through
+matching (`FlowMatchEulerDiscreteScheduler`) are the two families diffusers uses; the table
+and formulas are in docs/schedules.md. x0 is always computed here, never through
 `scheduler.step`, whose clipping would zero gradients.
 """
 from __future__ import annotations
@@ -235,8 +235,8 @@ class FlowMatchSchedule(Schedule):
         return self.shifted(t / (1 - t))
 
     def shifted(self, sigma):
-        """SD3's time shift t' = shift t / (1 + (shift - 1) t), applied to VE sigma (DMD2 issue #62: distil at the
-        times the teacher samples at)."""
+        """SD3's time shift t' = shift t / (1 + (shift - 1) t), applied to VE sigma: distil at the times the teacher
+        samples at (github.com/tianweiy/DMD2/issues/62)."""
         t = self.t_of_sigma(sigma)
         t = (self.shift * t / (1 + (self.shift - 1) * t)).clamp(1.0 / self.num_train_timesteps,
                                                                  self.t_of_sigma(self.sigma_max))

@@ -4,7 +4,7 @@ Wang et al., "Uni-Instruct: One-step Diffusion Model through Unified Diffusion D
 NeurIPS 2025 (arXiv 2505.20755). With x0 = G(z), x_t = x0 + sigma eps (VE), frozen teacher D_p and fake score D_q,
 delta = s_p - s_q = (D_p - D_q)/sigma^2, B = s_q - grad log q(x_t|x0) = (D_q - x0)/sigma^2 and r = p_t/q_t, the
 gradient of the expanded divergence  int w(t) E_q[h(r) ||delta||^2] dt  (h = r^2 f'') equals the pathwise
-gradient of (notes `uni_instruct.md` sec. 3.5, Theorem B):
+gradient of (docs/uni_instruct.md sec. 2, checked against finite differences in tests/test_uni_instruct_oracles.py):
 
     L_UI = w [ 2 sg[h] delta.B  +  sg[h - r h'] ||delta||^2  +  sg[-r^2 h'' ||delta||^2 delta + 2 r h' (delta.B) delta] . x_t ]
               ("sim" term)          ("fgm" term)                 ("di" term: a frozen direction)
@@ -35,7 +35,7 @@ from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, f
 
 
 # --------------------------------------------------------------------------------------------------------------
-# f-divergences: h(r) = r^2 f''(r) and its first two derivatives (notes sec. 3.5 f-table)
+# f-divergences: h(r) = r^2 f''(r) and its first two derivatives (table in docs/uni_instruct.md sec. 3)
 # --------------------------------------------------------------------------------------------------------------
 def _h_terms(name: str, r: torch.Tensor):
     one, zero = torch.ones_like(r), torch.zeros_like(r)
@@ -62,7 +62,8 @@ DIVERGENCES = ("rkl", "fkl", "jeffreys", "js", "pearson", "neyman", "hellinger",
 
 
 class UniInstructLoss:
-    """Per-sample Uni-Instruct surrogate in x0 units (already multiplied by w = sigma^4/wf); notes sec. 3.5.
+    """Per-sample Uni-Instruct surrogate in x0 units (already multiplied by w = sigma^4/wf); docs/uni_instruct.md
+    sec. 2.
 
     Inputs are per-sample tensors: x0 = G(z) (with grad), D_p(x_t), D_q(x_t) (frozen nets, grad through x_t), the
     detached density ratio r [B], wf [B] and sigma [B]. (c_sim, c_fgm, c_di) = (1, 1, 1) is the exact gradient.
@@ -86,7 +87,7 @@ class UniInstructLoss:
 class DistributionMatchingLoss:
     """Diff-Instruct / DMD2 / f-distill generator loss: the frozen direction h(r) (D_q - D_p) / wf on x0.
 
-    Its gradient is that of int w(t) D_f(p_t || q_t) dt (notes sec. 3.1); h = 1 is reverse KL (DI, DMD, DMD2).
+    Its gradient is that of int w(t) D_f(p_t || q_t) dt (docs/uni_instruct.md sec. 4); h = 1 is reverse KL (DI, DMD, DMD2).
     """
 
     def __init__(self, divergence: str):

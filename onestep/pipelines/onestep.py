@@ -279,7 +279,8 @@ class OneStepPipeline(DiffusionPipeline):
 
 
 def model_card(card: dict) -> str:
-    """A Hugging Face model card (YAML front matter + the facts users look for, ANCHORS.md C.4)."""
+    """A Hugging Face model card (YAML front matter, then the facts users look for: what it is, how to run it, the NFE and the
+    measured numbers with their protocol; Hugging Face's model-card guide, huggingface.co/docs/hub/model-cards)."""
     facts = "\n".join(f"| {k} | {v} |" for k, v in card.items())
     return f"""---
 library_name: diffusers
