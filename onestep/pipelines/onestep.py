@@ -200,13 +200,13 @@ class OneStepPipeline(DiffusionPipeline):
 
     def _load_card_teacher(self):
         from ..denoisers import load_teacher
-        from ..resources import REPO_ROOT
+        from ..resources import REPO_ROOT, shipped_path
 
         name = self.card.get("teacher")
         if not isinstance(name, str):
             return None, None
         here = Path(str(self.config.get("_name_or_path", "")))
-        for folder in (Path(name), REPO_ROOT / name, here / name):
+        for folder in (Path(name), REPO_ROOT / name, shipped_path(name), here / name):
             if (folder / "model_index.json").is_file():
                 try:
                     teacher = load_teacher(str(folder))
