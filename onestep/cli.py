@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_sample(sub)
     _add_fid(sub)
     _add_demo(sub)
+    _add_recipes(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -441,18 +442,50 @@ def _add_demo(sub):
 
 
 def _run_demo(args):
-    """demo/app.py lives beside the package (like recipes/ and assets/), so it is loaded from the checkout."""
+    """demo/app.py ships like recipes/ and assets/ (the checkout's, or the installed package's copy)."""
     import importlib.util
 
-    from .resources import REPO_ROOT
+    from .resources import DEMO_APP as path
 
-    path = REPO_ROOT / "demo" / "app.py"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the demo ships with the onestep source checkout (pip install -e '.[demo]')")
+        raise FileNotFoundError(f"{path}: the demo app is missing from this installation; reinstall onestep")
     spec = importlib.util.spec_from_file_location("onestep_demo_app", path)
     app = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(app)
     app.run(args)
+
+
+# --- recipes ----------------------------------------------------------------------------------------------------
+def _add_recipes(sub):
+    p = sub.add_parser("recipes", help="list the shipped recipes, or copy one to start from",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        The recipes that ship with onestep (teacher + data + method + schedule), as YAML files:
+          onestep recipes                                   list them
+          onestep recipes digits16_sid.yaml                 print one
+          onestep recipes digits16_sid.yaml --copy my.yaml  copy it (to a file, or into a folder), then
+          onestep train my.yaml                             (paths like assets/teachers/... find the shipped copy)"""))
+    p.add_argument("name", nargs="?", help="a recipe name from the list")
+    p.add_argument("--copy", metavar="DEST", help="write the recipe to DEST (a file, or a folder to put it in)")
+    p.set_defaults(run=_run_recipes)
+
+
+def _run_recipes(args):
+    from .resources import RECIPES, copy_recipe, list_recipes, recipe_path
+
+    if args.name is None:
+        if args.copy:
+            raise ValueError("--copy: name the recipe to copy; `onestep recipes` lists them")
+        print(f"shipped recipes ({RECIPES}):")
+        for name in list_recipes():
+            first = recipe_path(name).read_text().splitlines()[:1]
+            note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+            print(f"  {name:32s} {note[:80]}")
+        return 0
+    if args.copy:
+        print(f"wrote {copy_recipe(args.name, args.copy)}")
+    else:
+        print(recipe_path(args.name).read_text(), end="")
+    return 0
 
 
 if __name__ == "__main__":

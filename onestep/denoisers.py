@@ -118,14 +118,17 @@ class Denoiser(nn.Module):
 
 
 class DiffusersDenoiser(Denoiser):
-    """A diffusers model under a VP or flow-matching schedule, seen as a VE denoiser (DESIGN.md table)."""
+    """A diffusers model under a VP or flow-matching schedule, seen as a VE denoiser (the table in
+    docs/schedules.md)."""
 
     def denoise(self, x, sigma, **cond):
         a, s = (_expand(c, x) for c in self.schedule.coefficients(sigma))
         x_t = a * x
         t = self.schedule.timestep(sigma)
         dtype = self.model.dtype
-        out = self.model(x_t.to(dtype), timestep=t.to(dtype), **_cast(cond, dtype), return_dict=False)[0].float()
+        # the timestep stays fp32 whatever the network's dtype (bf16 would turn 625 into 624 and 999 into 1000);
+        # diffusers' timestep embeddings compute their sinusoids in fp32 and cast the result themselves
+        out = self.model(x_t.to(dtype), timestep=t.float(), **_cast(cond, dtype), return_dict=False)[0].float()
         out = out[:, : x.shape[1]]  # learned-variance models emit 2C channels; the first C are the prediction
         return x0_from_prediction(out, x_t.float(), a.float(), s.float(), self.schedule.prediction_type)
 
@@ -143,7 +146,7 @@ class EDMDenoiser(Denoiser):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         dtype = self.model.dtype
-        out = self.model((c_in * x).to(dtype), timestep=c_noise.to(dtype), **_cast(cond, dtype),
+        out = self.model((c_in * x).to(dtype), timestep=c_noise.float(), **_cast(cond, dtype),  # c_noise in fp32
                          return_dict=False)[0].float()
         return c_skip * x + c_out * out
 
@@ -171,9 +174,10 @@ class MLPModel(ModelMixin, ConfigMixin):
         # sample [..., dim] (e.g. [B, dim] points or [B, n, dim] tokens); timestep and labels per leading index or
         # broadcast along the trailing leading dims (a [B] timestep is shared by the n tokens of a row)
         lead = sample.shape[:-1]
-        t = _lead(timestep.to(sample.dtype), lead).reshape(-1, 1)
-        angles = 2 * math.pi * t * self.time_freqs
-        h = self.inp(torch.cat([sample.reshape(-1, sample.shape[-1]), angles.sin(), angles.cos()], dim=1))
+        t = _lead(timestep.float(), lead).reshape(-1, 1)   # Fourier features in fp32, then cast
+        angles = 2 * math.pi * t * self.time_freqs.float()
+        h = self.inp(torch.cat([sample.reshape(-1, sample.shape[-1]), angles.sin().to(sample.dtype),
+                                angles.cos().to(sample.dtype)], dim=1))
         if self.label_embed is not None:
             h = h + self.label_embed(_lead(class_labels, lead).reshape(-1))
         for i, block in enumerate(self.blocks):

@@ -5,7 +5,8 @@
 (SiD, Zhou et al. 2024, sec. 4; DMD2's `conditioning_sigma`). Initialised from the teacher, so at step 0 the
 generator *is* the teacher's one-step x0 prediction. sigma_init is snapped to a level the network was trained on
 (t_init = 440 for DDPM-linear at 2.5) and must travel with the weights: changing it after training breaks the
-model (SIM issue #4).
+model (the fixed-init_sigma convention of Diff-Instruct and SiD; see
+github.com/maple-research-lab/SIM/issues/4, where changing it at inference gives bad images).
 """
 from __future__ import annotations
 

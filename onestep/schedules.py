@@ -10,8 +10,8 @@ A `Schedule` tells how to turn that VE pair into what a particular model was tra
     x_model = a * x0 + s * eps  with   s = a * sigma.
 
 and back, through the prediction-type conversions below. Discrete VP (DDPM/DDIM, `alphas_cumprod`) and flow
-matching (`FlowMatchEulerDiscreteScheduler`) are the two families diffusers uses; see
-`shared/methods/uni_instruct.md` section 7 for the derivations. x0 is always computed here, never through
+matching (`FlowMatchEulerDiscreteScheduler`) are the two families diffusers uses; the table
+and formulas are in docs/schedules.md. x0 is always computed here, never through
 `scheduler.step`, whose clipping would zero gradients.
 """
 from __future__ import annotations
@@ -68,6 +68,12 @@ def karras_sigmas(n: int, generator: torch.Generator | None = None, sigma_min: f
     With u_max = tmax/1000 = 0.8 the range is [0.002, 24.41] with median ~0.97 (SiD `sid_loss.py`).
     """
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64) * u_max
+    return karras_sigma_at(u, sigma_min, sigma_max, rho)
+
+
+def karras_sigma_at(u: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0) -> torch.Tensor:
+    """The Karras rho-grid at position (1 - u): u = 0 is sigma_min, u = 1 is sigma_max (increasing in u)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + (1 - u) * (lo - hi)) ** rho
 
@@ -115,6 +121,11 @@ class Schedule:
     def shifted(self, sigma: torch.Tensor) -> torch.Tensor:
         """Move drawn noise levels the way the family's sampler does (identity except for shifted flows)."""
         return sigma
+
+    def distillation_window(self) -> tuple[float, float]:
+        """Default native-timestep window [t_min, t_max] for the generator loss's noise levels: the whole range
+        the network was trained on (discrete VP schedules narrow it, see there)."""
+        return float(self.timestep(torch.tensor(self.sigma_min))), float(self.timestep(torch.tensor(self.sigma_max)))
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Weight that turns ||x0_hat - x0||^2 into the family's native MSE (eps-, v- or flow-MSE)."""
@@ -173,6 +184,14 @@ class DiscreteVPSchedule(Schedule):
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
         return self.sigmas.to(t.device)[t]
 
+    def distillation_window(self):
+        """[20, 979] of 1000 steps, scaled to num_train_timesteps: the window SiD-LSG (mingyuanzhou/SiD-LSG,
+        `sid_training_loop.py`: `torch.randint(tmin=20, tmax=980)`) and DMD2 (tianweiy/DMD2, `min_step_percent`
+        0.02, `max_step_percent` 0.98) evaluate discrete teachers in. Near t = 0 the teacher and fake score agree
+        to within their errors and the normalised direction is noise; near t = T the input is almost pure noise."""
+        n = self.num_train_timesteps
+        return float(round(0.02 * n)), float(round(0.979 * n))
+
     def loss_weight(self, sigma):
         if self.prediction_type == "epsilon":  # ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2
             return sigma ** -2
@@ -216,8 +235,8 @@ class FlowMatchSchedule(Schedule):
         return self.shifted(t / (1 - t))
 
     def shifted(self, sigma):
-        """SD3's time shift t' = shift t / (1 + (shift - 1) t), applied to VE sigma (DMD2 issue #62: distil at the
-        times the teacher samples at)."""
+        """SD3's time shift t' = shift t / (1 + (shift - 1) t), applied to VE sigma: distil at the times the teacher
+        samples at (github.com/tianweiy/DMD2/issues/62)."""
         t = self.t_of_sigma(sigma)
         t = (self.shift * t / (1 + (self.shift - 1) * t)).clamp(1.0 / self.num_train_timesteps,
                                                                  self.t_of_sigma(self.sigma_max))

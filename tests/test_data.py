@@ -1,4 +1,4 @@
-"""Offline datasets: Simple Shapes oracles (notes 3.7 item 5), digits, the Gaussian grid, folders, errors."""
+"""Offline datasets: Simple Shapes oracles (Aithal et al., NeurIPS 2024), digits, the Gaussian grid, folders, errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Schedules and the denoiser layer: conversions, table values, and an analytic diffusers-style teacher
-(shared/methods/uni_instruct.md sec. 9 items 10, 11, 13)."""
+(docs/schedules.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Hallucination score, filters, x0 recorder and the 1-D acceptance run (notes 3.7 items 1, 2 and 4).
+"""Hallucination score, filters, x0 recorder and the 1-D acceptance run (Aithal et al., NeurIPS 2024).
 
 Paper: Aithal et al., NeurIPS 2024 (arXiv 2406.09358). The 2-D grid acceptance numbers live in
 `bench/hallucination_toy.py` (minutes of training, too slow for the suite).

@@ -172,7 +172,7 @@ def test_nan_policy_stop_raises_a_clear_error(tiny_teacher_dir, tmp_path):
         _poisoned_trainer(tiny_teacher_dir, tmp_path, "stop").train()
 
 
-# --- gradient plumbing (notes sec. 9 items 6 and 14) -----------------------------------------------------------
+# --- gradient plumbing (frozen networks, gradients through their inputs) -------------------------------------------
 class RecordingContext:
     """A StepContext that runs backward and keeps the gradients instead of stepping an optimizer."""
 

@@ -1,4 +1,4 @@
-"""Gradient oracles for the Uni-Instruct family (shared/methods/uni_instruct.md sec. 9).
+"""Gradient oracles for the Uni-Instruct family (docs/uni_instruct.md sec. 2).
 
 1-D Gaussian toy with everything analytic: teacher p0 = N(0.3, 1), generator x0 = th1 + th2 z with th = (-0.2, 0.8),
 VE noise sigma = 0.7. The "frozen" teacher and fake denoisers are analytic functions of x_t with parameters fixed at
@@ -96,7 +96,7 @@ def test_uni_instruct_surrogate_is_the_expanded_divergence_gradient(name):
 
 @pytest.mark.parametrize("name, expected", [
     ("rkl", [-0.450430, -0.532346]), ("fkl", [-0.783147, -1.352834]), ("js", [-0.249556, -0.340564]),
-    ("pearson", [-6.901323, -17.513810]), ("hellinger", [2 * -0.136830, 2 * -0.195908]),  # notes use h = sqrt(r)/4
+    ("pearson", [-6.901323, -17.513810]), ("hellinger", [2 * -0.136830, 2 * -0.195908]),  # pinned with h = sqrt(r)/4
 ])
 def test_uni_instruct_matches_reference_numbers_of_the_notes(name, expected):
     np.testing.assert_allclose(_surrogate_gradient(UniInstructLoss(name), SCORE_UNITS), expected, atol=2e-6)
@@ -156,7 +156,7 @@ def test_scale_equivariance_catches_misplaced_wf():
 
 
 def test_at_the_optimum_every_surrogate_vanishes():
-    """teacher == generator distribution (th = (0.3, 1)) and r = 1: all gradients are 0 (notes sec. 9 item 7)."""
+    """teacher == generator distribution (th = (0.3, 1)) and r = 1: all gradients are 0 (the optimum of every divergence)."""
     global TH0
     saved, TH0 = TH0, np.array([MU_P, S_P])
     try:

@@ -119,7 +119,7 @@ def shapes_labeller(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     * ``pixels`` [N, 3] int: foreground pixels per strip;
     * ``present`` [N, 3] bool: strip has any foreground;
     * ``hallucinated`` [N] bool: some strip holds >= 2 components (e.g. two squares stacked - mode interpolation,
-      the notes' 3.4 rule);
+      our labelling rule: the paper's exact one is not public);
     * ``artifact`` [N] bool: not hallucinated, but a present shape's pixel count is outside the validator's range
       (triangle 63-67, square 60-68, pentagon 68-72) - malformed shapes reported separately from hallucinations.
     """

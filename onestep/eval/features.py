@@ -22,12 +22,13 @@ FEATURE_EXTRACTOR = "onestep-digits"
 INPUT_SIZE = 32
 FEATURE_DIM = 64
 NUM_CLASSES = 10
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_weights_path(name: str = FEATURE_EXTRACTOR) -> Path:
-    """The repository's ``assets/fid/<name>.safetensors``."""
-    return _REPO_ROOT / "assets" / "fid" / f"{name}.safetensors"
+    """The shipped ``assets/fid/<name>.safetensors`` (in the checkout, or inside the installed package)."""
+    from ..resources import ASSETS
+
+    return ASSETS / "fid" / f"{name}.safetensors"
 
 
 class DigitsCNN(nn.Module):

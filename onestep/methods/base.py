@@ -217,19 +217,21 @@ def get_method(name: str) -> type[Method]:
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
-    """Freeze parameters and switch to eval mode (no dropout, running norm statistics) while gradients still flow
-    through the inputs: how the teacher and fake score take part in a generator update."""
+    """Freeze parameters while gradients still flow through the inputs (what SiD/Uni-Instruct need for the
+    teacher and fake score in the generator step: SiD, Zhou et al. 2024, Algorithm 1), and put the modules in eval
+    mode (dropout off, normalisation statistics fixed), restoring both afterwards."""
     params = [p for m in modules for p in m.parameters()]
     states = [p.requires_grad for p in params]
-    training = [m.training for m in modules]
+    submodules = [sub for m in modules for sub in m.modules()]
+    modes = [sub.training for sub in submodules]
     for p in params:
         p.requires_grad_(False)
-    for m in modules:
-        m.eval()
+    for sub in submodules:
+        sub.training = False
     try:
         yield
     finally:
         for p, state in zip(params, states):
             p.requires_grad_(state)
-        for m, mode in zip(modules, training):
-            m.train(mode)
+        for sub, mode in zip(submodules, modes):
+            sub.training = mode

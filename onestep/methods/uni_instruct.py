@@ -4,7 +4,7 @@ Wang et al., "Uni-Instruct: One-step Diffusion Model through Unified Diffusion D
 NeurIPS 2025 (arXiv 2505.20755). With x0 = G(z), x_t = x0 + sigma eps (VE), frozen teacher D_p and fake score D_q,
 delta = s_p - s_q = (D_p - D_q)/sigma^2, B = s_q - grad log q(x_t|x0) = (D_q - x0)/sigma^2 and r = p_t/q_t, the
 gradient of the expanded divergence  int w(t) E_q[h(r) ||delta||^2] dt  (h = r^2 f'') equals the pathwise
-gradient of (Wang et al. 2025, Theorem 3.3; `onestep.losses.UniInstructLoss`):
+gradient of (Wang et al. 2025, Theorem 3.3; `onestep.losses.UniInstructLoss`; docs/uni_instruct.md sec. 2):
 
     L_UI = w [ 2 sg[h] delta.B  +  sg[h - r h'] ||delta||^2  +  sg[-r^2 h'' ||delta||^2 delta + 2 r h' (delta.B) delta] . x_t ]
               ("sim" term)          ("fgm" term)                 ("di" term: a frozen direction)
@@ -30,7 +30,7 @@ from ..generators import OneStepGenerator
 from ..lora import has_lora, merge_lora
 from ..losses import DIVERGENCES, DistributionMatchingLoss, GANLoss, UniInstructLoss, density_ratio, h_terms
 from ..networks import FakeScore
-from ..schedules import karras_sigmas, lognormal_sigmas
+from ..schedules import karras_sigma_at, lognormal_sigmas
 from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, frozen, trainable_copy
 
 
@@ -44,13 +44,18 @@ class UniInstructConfig(MethodConfig):
     terms: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="UI (sim, fgm, di) term weights")
     sigma_init: float = Field(2.5, gt=0)
     tmax: int = Field(800, gt=0, le=1000, description="generator-loss sigma: Karras grid position u <= tmax/1000")
+    generator_timesteps: tuple[float, float] | None = Field(
+        None, description="[t_min, t_max] in the teacher's native timesteps: the generator-loss noise level is drawn "
+        "within this window (a truncated draw, nothing piles up on its ends); default: the teacher schedule's, "
+        "[20, 979] of 1000 steps for DDPM-style teachers as in SiD-LSG and DMD2, the full range otherwise")
     fake_sigma: Literal["native", "lognormal"] = "native"
     generator_loss_scale: float = Field(100.0, gt=0)        # SiD's lsg
     gan_weight: float = Field(0.0, ge=0, description="generator GAN term weight (SiDA lsg_gan 0.01)")
     discriminator_weight: float = Field(1.0, ge=0)
     fake_steps_per_generator_step: int = Field(1, ge=1)
     generator_start_step: int = Field(0, ge=0, description="fake-score warm-up: no generator update before this")
-    divergence_start_step: int = Field(0, ge=0, description="h = 1 (reverse KL) before this step")
+    divergence_start_step: int = Field(0, ge=0, description="the reverse-KL loss (SiD alpha = 1; DMD for loss: dmd) "
+                                       "before this step, the chosen divergence from it on")
     gan_start_step: int = Field(0, ge=0)
     normalize_h: bool = True
     generator_optimizer: OptimizerConfig = OptimizerConfig()
@@ -62,6 +67,8 @@ class UniInstructConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.generator_timesteps is not None and not self.generator_timesteps[0] < self.generator_timesteps[1]:
+            raise ValueError(f"generator_timesteps: need t_min < t_max, got {list(self.generator_timesteps)}")
         if self.loss == "sid" and self.divergence != "rkl":
             raise ValueError("loss 'sid' is the reverse-KL (Fisher) case: set divergence: rkl, or use loss: ui "
                              f"for divergence {self.divergence!r}")
@@ -145,13 +152,15 @@ class UniInstruct(Method):
         x_t = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=ctx.rng, device=x0.device)
         use_ratio = cfg.needs_ratio and ctx.step >= cfg.divergence_start_step
         use_gan = cfg.gan_weight > 0 and ctx.step >= cfg.gan_start_step
-        input_grads = not isinstance(self.loss, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
+        # divergence warm-up: the reverse-KL loss itself (not r = 1 put into another divergence's terms)
+        loss_fn = self.loss if use_ratio or not cfg.needs_ratio else _reverse_kl_form(self.loss)
+        input_grads = not isinstance(loss_fn, DistributionMatchingLoss) or use_gan  # DMD's direction is detached
         with torch.set_grad_enabled(input_grads):
             d_teacher = self.denoiser(x_t, sigma, **batch.cond)
             d_fake, logit = self.fake(x_t, sigma, with_logit=use_ratio or use_gan, **batch.cond)
         wf = (x0 - d_teacher).abs().flatten(1).mean(1).detach().clamp_min(1e-5)
         r = density_ratio(logit) if use_ratio else torch.ones_like(sigma)
-        per_sample = self.loss(x0, d_teacher, d_fake, r, wf, sigma)
+        per_sample = loss_fn(x0, d_teacher, d_fake, r, wf, sigma)
         if use_ratio and cfg.normalize_h:  # mean-normalised h (FastGen f-distill): only the step size changes
             per_sample = per_sample / ctx.mean_across_processes(h_terms(cfg.divergence, r)[0].mean())
         loss = cfg.generator_loss_scale * per_sample.mean()
@@ -167,8 +176,23 @@ class UniInstruct(Method):
         return torch.randn((len(batch), *self.sample_shape), generator=ctx.rng, device=batch.device)
 
     def generator_sigmas(self, n, ctx, device):
-        sigma = karras_sigmas(n, ctx.rng, u_max=self.config.tmax / 1000, device=device)
-        return self.denoiser.round_sigma(self.denoiser.schedule.shifted(sigma)).float().to(device)
+        """SiD's Karras draw (u ~ U[0, tmax/1000], `karras_sigmas`), shifted as the teacher samples, conditioned on
+        the timestep window [t_min, t_max]: u is drawn uniformly on the sub-interval of [0, u_max] whose noise level
+        falls inside the window (the level increases with u), so the in-window density is the Karras one and no
+        draw is clamped onto an end (clamping put 17.7 % of SD's draws at t = 0 and 9.6 % at t = 999)."""
+        schedule = self.denoiser.schedule
+        t_min, t_max = self.config.generator_timesteps or schedule.distillation_window()
+        lo, hi = (float(schedule.sigma_of_timestep(torch.tensor(t, dtype=torch.float64))) for t in (t_min, t_max))
+        level = lambda u: float(schedule.shifted(karras_sigma_at(torch.tensor(u, dtype=torch.float64))))  # noqa: E731
+        u_max = self.config.tmax / 1000
+        u_lo, u_hi = _first_u_at_or_above(level, lo, 0.0, u_max), _last_u_at_or_below(level, hi, 0.0, u_max)
+        if not (u_lo <= u_hi and lo * (1 - 1e-6) <= level(u_lo) <= hi * (1 + 1e-6)):
+            raise ValueError(f"method.generator_timesteps: the window [{t_min:g}, {t_max:g}] (sigma {lo:.4g} to "
+                             f"{hi:.4g}) holds no noise level of the Karras draw with tmax {self.config.tmax}; "
+                             "widen the window or raise tmax")
+        u = u_lo + torch.rand(n, generator=ctx.rng, device=device, dtype=torch.float64) * (u_hi - u_lo)
+        sigma = schedule.shifted(karras_sigma_at(u))
+        return self.denoiser.round_sigma(sigma).float().to(device)
 
     def fake_sigmas(self, n, ctx, device):
         if self.config.fake_sigma == "native":
@@ -202,6 +226,35 @@ class UniInstruct(Method):
         return {"teacher": teacher, "data": {"name": "digits", "resolution": 8},
                 "method": {"name": cls.name, **method, "generator_optimizer": {"lr": 1e-3},
                            "fake_optimizer": {"lr": 1e-3}}}
+
+
+def _reverse_kl_form(loss):
+    """The reverse-KL loss of the same family, used before `divergence_start_step`: for the Uni-Instruct surrogate
+    SiD with alpha = 1, (D_p - D_q).(D_q - x0) / wf, which is the official Uni-Instruct generator loss before its
+    density ratio switches on (a-little-hoof/Uni_Instruct, `fsim_loss.py`); for the frozen direction, h = 1 (DMD)."""
+    if isinstance(loss, DistributionMatchingLoss):
+        return DistributionMatchingLoss("rkl")
+    return UniInstructLoss.sid(alpha=1.0)
+
+
+def _first_u_at_or_above(level, value: float, a: float, b: float) -> float:
+    """Smallest u in [a, b] with level(u) >= value, for a non-decreasing level(u) (b if none), by bisection."""
+    if level(a) >= value or level(b) < value:
+        return a if level(a) >= value else b
+    for _ in range(80):
+        mid = (a + b) / 2
+        a, b = (a, mid) if level(mid) >= value else (mid, b)
+    return b
+
+
+def _last_u_at_or_below(level, value: float, a: float, b: float) -> float:
+    """Largest u in [a, b] with level(u) <= value, for a non-decreasing level(u) (a if none), by bisection."""
+    if level(b) <= value or level(a) > value:
+        return b if level(b) <= value else a
+    for _ in range(80):
+        mid = (a + b) / 2
+        a, b = (mid, b) if level(mid) <= value else (a, mid)
+    return a
 
 
 def _bc(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

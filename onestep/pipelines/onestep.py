@@ -200,13 +200,13 @@ class OneStepPipeline(DiffusionPipeline):
 
     def _load_card_teacher(self):
         from ..denoisers import load_teacher
-        from ..resources import REPO_ROOT
+        from ..resources import REPO_ROOT, shipped_path
 
         name = self.card.get("teacher")
         if not isinstance(name, str):
             return None, None
         here = Path(str(self.config.get("_name_or_path", "")))
-        for folder in (Path(name), REPO_ROOT / name, here / name):
+        for folder in (Path(name), REPO_ROOT / name, shipped_path(name), here / name):
             if (folder / "model_index.json").is_file():
                 try:
                     teacher = load_teacher(str(folder))
@@ -279,7 +279,8 @@ class OneStepPipeline(DiffusionPipeline):
 
 
 def model_card(card: dict) -> str:
-    """A Hugging Face model card (YAML front matter + the facts users look for, ANCHORS.md C.4)."""
+    """A Hugging Face model card (YAML front matter, then the facts users look for: what it is, how to run it, the NFE and the
+    measured numbers with their protocol; Hugging Face's model-card guide, huggingface.co/docs/hub/model-cards)."""
     facts = "\n".join(f"| {k} | {v} |" for k, v in card.items())
     return f"""---
 library_name: diffusers

@@ -131,7 +131,8 @@ def _per_sample(sigma: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-    return model(x.to(model.dtype), timestep=timestep.to(model.dtype), **cond, return_dict=False)[0].float()
+    """The network in its dtype; the timestep (EDM's c_noise) stays fp32, as bf16 would round 625 to 624."""
+    return model(x.to(model.dtype), timestep=timestep.float(), **cond, return_dict=False)[0].float()
 
 
 class OneStepPipeline(DiffusionPipeline):

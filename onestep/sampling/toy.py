@@ -57,7 +57,8 @@ def gaussian_grid(n: int, generator: torch.Generator | None = None) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Labels (notes 3.4, our rule: the paper's exact labelling is not public)
+# Labels (our rule: a sample is hallucinated when it lies farther than kappa mode std from every mode; the
+# paper's exact labelling is not public)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,15 @@ class TeacherConfig(StrictModel):
     cpu_offload: bool = Field(False, description="keep the frozen teacher on the CPU, moving layers to the GPU "
                               "only while they run (accelerate.cpu_offload)")
 
+    @field_validator("path")
+    @classmethod
+    def _shipped(cls, value: str) -> str:
+        """`assets/teachers/...` in a shipped recipe run outside the checkout: the installed package's copy."""
+        from ..resources import shipped_path
+
+        resolved = shipped_path(value)
+        return value if resolved == Path(value) else str(resolved)
+
 
 class TrainConfig(StrictModel):
     steps: int = Field(1000, gt=0)
