@@ -18,7 +18,7 @@ def _sd_schedule():
 
 
 def _draw(schedule, n=200_000, denoiser=DiffusersDenoiser, **cfg):
-    method = SimpleNamespace(config=UniInstructConfig(**cfg), teacher=denoiser(torch.nn.Identity(), schedule))
+    method = SimpleNamespace(config=UniInstructConfig(**cfg), denoiser=denoiser(torch.nn.Identity(), schedule))
     ctx = SimpleNamespace(rng=torch.Generator().manual_seed(0))
     return UniInstruct.generator_sigmas(method, n, ctx, "cpu")
 
@@ -64,7 +64,10 @@ def _grid_method(**cfg):
     torch.manual_seed(0)   # the logit head's initialisation
     data = load_dataset("gaussian_grid", num_samples=256, seed=0)
     data.cond = {}
-    method = UniInstruct(UniInstructConfig(**cfg), load_teacher(str(GRID_TEACHER)), data)
+    from onestep.teachers import DiffusionTeacher
+
+    teacher = DiffusionTeacher(str(GRID_TEACHER), denoiser=load_teacher(str(GRID_TEACHER)))
+    method = UniInstruct(UniInstructConfig(**cfg), teacher, data)
     # a fake score away from the teacher (as after some training), the same for every method built here: with the
     # fake equal to the teacher every generator loss and gradient is zero
     g = torch.Generator().manual_seed(1)
@@ -87,8 +90,10 @@ class _Ctx:
     def mean_across_processes(self, value):
         return value
 
-    def update(self, name, loss):
+    def update(self, name, loss_fn, batch):
+        loss, logs = loss_fn(batch)
         loss.backward()
+        return logs
 
 
 def _batch(method, n=64):
