@@ -271,7 +271,7 @@ def parse_filter(spec: str, num: int, oversample: float):
         return HalFilter(quantile=number), num
     if number is not None and kind == "threshold" and math.isfinite(number) and number >= 0.0:
         return HalFilter(threshold=number), num
-    raise ValueError(f"--filter must be {FILTER_FORMS}, got {spec!r}")
+    raise ValueError(f"--filter must be {FILTER_FORMS}, got {shown(spec)}")
 
 
 def _run_sample(args):
@@ -290,6 +290,9 @@ def _run_sample(args):
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be 0..2^63-1, got {args.seed}")
     grid = Path(args.out).suffix.lower() == ".png"
+    if not grid and _image_suffix(args.out):
+        raise ValueError(f"--out {args.out}: a grid is written as PNG only (.png); pass a .png path for one "
+                         "grid, or a folder name without an image extension for numbered PNGs")
     if grid and not 1 <= args.num <= 4096:
         raise ValueError(f"--num must be 1..4096 for one grid PNG, got {args.num}; for more samples write numbered "
                          "PNGs to a folder: --out DIR")
@@ -319,6 +322,15 @@ def _run_sample(args):
              output_type="raw").images
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+def _image_suffix(path: str) -> bool:
+    """Does `path` end in an image file extension PIL knows (.jpg, .webp, .gif, ...)? Then it is not a folder name."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    return Path(path).suffix.lower() in Image.registered_extensions()
 
 
 def _sample_filtered(pipe, args, hal_filter, total: int):

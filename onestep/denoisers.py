@@ -306,7 +306,10 @@ def load_component(klass, path_or_id: str, name: str, **kwargs):
 
 def check_component_files(klass, path_or_id: str, name: str) -> None:
     """For a local folder: component `name` exists and, if it is a network, has complete safetensors weights; a
-    pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. (Hub ids are checked when loading.)"""
+    pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. Whatever the class (an Auto class or a
+    pipeline named for a network slot loads weights too, and may unpickle them), a component folder that holds a
+    pickle anywhere is refused unless the class is a network, which loads safetensors only. (Hub ids are checked
+    when loading.)"""
     from .training.checkpoint import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem
 
     folder = Path(str(path_or_id)) / name
@@ -315,6 +318,9 @@ def check_component_files(klass, path_or_id: str, name: str) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: component folder missing (model_index.json lists {name!r}); {_REEXPORT}")
     if not issubclass(klass, nn.Module):
+        pickles = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            refuse_pickle(pickles[0])
         return
     weights = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

@@ -14,9 +14,11 @@ import pickle
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,15 @@ def _png(path: Path, size, truncated=False):
         path.write_bytes(data[: len(data) // 2])
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit gray pixels and holds none: a decompression bomb's header (57 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def _build(name: str, spec, case: Path, sources: dict) -> None:
     path = case / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +147,8 @@ def _build(name: str, spec, case: Path, sources: dict) -> None:
         path.write_bytes(bytes.fromhex(spec["bytes"]))
     elif "png" in spec:
         _png(path, spec["png"])
+    elif "png_declared" in spec:
+        path.write_bytes(_png_header_only(*spec["png_declared"]))
     elif "png_truncated" in spec:
         _png(path, spec["png_truncated"], truncated=True)
     elif "evil_pickle" in spec:

@@ -161,9 +161,11 @@ def available_methods() -> dict[str, type[Method]]:
 
 
 def get_method(name: str) -> type[Method]:
+    from ..checks import shown
+
     methods = available_methods()
     if name not in methods:
-        raise ValueError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(methods))}")
+        raise ValueError(f"method.name: unknown method {shown(name)}; valid: {', '.join(sorted(methods))}")
     return methods[name]
 
 

@@ -307,9 +307,10 @@ def _describe(err: ValidationError, model: type[BaseModel], prefix: str = "") ->
         if prefix and loc[:1] == [prefix]:
             loc = loc[1:]
         key = ".".join(([prefix] if prefix else []) + loc)
+        key = key if len(key) <= 80 else key[:77] + "..."  # a pasted paragraph as a key is not echoed whole
         if e["type"] == "extra_forbidden":
             valid = _fields_at(model, loc[:-1])
-            hint = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = difflib.get_close_matches(loc[-1][:200], valid, n=1)
             lines.append(f"{key}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                          + f"; valid keys here: {', '.join(valid)}")
         else:
