@@ -2,6 +2,7 @@
 so that every entry point refuses a bad value with the same one-line message."""
 from __future__ import annotations
 
+import errno
 import math
 
 SHOWN_CHARS = 80  # a value echoed in an error is cut to this many characters (a 1 MB label is not printed back)
@@ -63,3 +64,12 @@ def class_labels_in_range(labels, num_classes: int, count: int | None = None):
         raise ValueError(f"class_labels must be in 0..{num_classes - 1} (this generator has {num_classes} classes), "
                          f"got {int(bad[0])}")
     return tensor
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Did a write fail because the device (or the user's quota) is full? OSError ENOSPC/EDQUOT, or safetensors'
+    own error (a Rust io::Error "StorageFull", not an OSError)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text

@@ -98,8 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one readable line unless --debug
         if args.debug or not _is_user_error(err):
             raise
-        print(f"onestep {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
+        message = _one_line(str(err))
+        if _disk_full(err) and "no space left on the device" not in message:  # a bare OSError: what it means here
+            next_step = DISK_FULL_NEXT.get(args.command, DISK_FULL_NEXT[None])
+            message = f"no space left on the device ({' '.join(message.split())[:300]}); {next_step}"
+        print(f"onestep {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+DISK_FULL_NEXT = {
+    "sample": "finished files are complete: free space, then rerun the same command to write the rest",
+    "fid": "nothing was measured: free space (or pass --no-cache), then rerun",
+    None: "the last complete checkpoint is intact: free space, then continue with --resume latest",
+}
+
+
+def _disk_full(err: Exception) -> bool:
+    from .checks import is_disk_full
+
+    return is_disk_full(err)
 
 
 def _one_line(message: str, limit: int = 2000) -> str:
@@ -111,7 +128,7 @@ def _is_user_error(err: Exception) -> bool:
     # TrainingStopped only exists once the trainer was imported: don't import it (and diffusers) to print an error
     trainer = sys.modules.get("onestep.training.trainer")
     stopped = (trainer.TrainingStopped,) if trainer is not None else ()
-    return isinstance(err, (ValueError, OSError, FloatingPointError, *stopped))
+    return isinstance(err, (ValueError, OSError, FloatingPointError, *stopped)) or _disk_full(err)
 
 
 def _formatter(prog):
