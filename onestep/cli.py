@@ -51,6 +51,22 @@ def _whole(lo: int, hi: int | None = None, what: str = ""):
     return parse
 
 
+def _number(lo: float, hi: float):
+    """An argparse type: a finite number in lo..hi (nan and inf refused)."""
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo:g}..{hi:g}, got {shown(text)}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def _path(text: str) -> str:
     """An argparse type: a path that names something (an empty one would mean the current folder)."""
     if not text.strip():
@@ -259,7 +275,7 @@ def _add_sample(sub):
     p.add_argument("--filter", dest="hal_filter", default=None, metavar="keep|quantile:Q|threshold:T",
                    help="drop likely hallucinations (grid PNG only): keep the -n lowest-scoring of ceil(n x "
                         "--oversample), or of -n those <= the Q-quantile / <= T")
-    p.add_argument("--oversample", type=float, default=1.25,
+    p.add_argument("--oversample", type=_number(1.0, 4.0), default=1.25,
                    help="--filter keep: candidates per kept sample, 1..4 (default 1.25)")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="--filter: the diffusers teacher folder the probe denoises with (default: the model card's)")
