@@ -37,6 +37,18 @@ def finite_number(name: str, value, lo: float | None = None, hi: float | None = 
     return number
 
 
+def first_non_finite(value, key: str = ""):
+    """(dotted key, value) of the first float that is NaN or infinite in parsed YAML/JSON (dicts, lists), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = first_non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def positive_batch_size(batch_size) -> int:
     """A Python API `batch_size`: a whole number >= 1 (0 is an error, not "the default")."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

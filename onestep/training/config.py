@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from ..checks import shown
+from ..checks import first_non_finite, shown
 from ..methods.base import MethodConfig, StrictModel, get_method
 
 MAX_RECIPE_BYTES = 1 << 20     # a recipe is a few hundred bytes; /dev/zero or a video is not read to the end
@@ -234,20 +234,8 @@ def load_yaml(text: str, source: str):
         raise ConfigError(f"{source}: nested too deeply to be a recipe; see recipes/*.yaml for examples") from None
 
 
-def _non_finite(value, key: str = ""):
-    """(key, value) of the first float in a parsed recipe that is NaN or infinite, else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return key, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        found = _non_finite(v, f"{key}.{k}" if key else str(k))
-        if found:
-            return found
-    return None
-
-
 def config_from_dict(raw: dict, source: str = "recipe") -> RunConfig:
-    bad = _non_finite(raw)
+    bad = first_non_finite(raw)
     if bad:
         raise ConfigError(f"{source}: {bad[0]}: must be a finite number, got {bad[1]}; NaN and infinity are never "
                           "valid settings")
