@@ -270,7 +270,8 @@ def _add_sample(sub):
     p.add_argument("-n", "--num", type=int, default=64, help="number of samples (grid: 1..4096, folder: 1..10^6)")
     p.add_argument("--steps", type=int, default=1, help="1..4 network evaluations per sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", type=_path, help="a .png path (one grid) or a folder (numbered PNGs)")
+    p.add_argument("--out", default="samples.png", type=_path,
+                   help="a .png path (one grid) or a folder (numbered PNGs)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per network call when writing a folder")
     p.add_argument("--filter", dest="hal_filter", default=None, metavar="keep|quantile:Q|threshold:T",
                    help="drop likely hallucinations (grid PNG only): keep the -n lowest-scoring of ceil(n x "

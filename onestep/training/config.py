@@ -3,7 +3,6 @@ would be valid; `--set a.b=value` overrides any key from the command line."""
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import stat
 from pathlib import Path
