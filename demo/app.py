@@ -42,6 +42,8 @@ import torch  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from onestep.checks import shown  # noqa: E402
+from onestep.data.images import ImageInputError, open_image  # noqa: E402
 from onestep.pipelines import OneStepPipeline  # noqa: E402
 from onestep.pipelines.onestep import MAX_STEPS  # noqa: E402
 from onestep.resources import ASSETS, REPO_ROOT  # noqa: E402
@@ -121,6 +123,9 @@ class Request:
     def parse(cls, values: dict, caps: Capabilities, max_images: int = MAX_IMAGES) -> "Request":
         """Check ranges and types; raise ValueError with a message a user can act on."""
         req = cls(**values)
+        req.hal_filter = _boolean("hallucination filter", req.hal_filter)
+        req.compare_teacher = _boolean("compare with the teacher", req.compare_teacher)
+        req.oms = _boolean("OMS", req.oms)
         req.seed = _integer("seed", req.seed, 0, MAX_SEED)
         req.num_images = _integer("number of images", req.num_images, 1, max_images)
         req.steps = _integer("steps", req.steps, 1, caps.max_steps)
@@ -133,6 +138,7 @@ class Request:
         if req.oms:
             req.oms_prompt = _text("OMS prompt", req.oms_prompt, required=False)
         if caps.control:
+            req.control_image = _uploaded_image(req.control_image)
             check_control_image(req.control_image)
         return req
 
@@ -154,13 +160,23 @@ class Request:
 
 
 def _integer(name: str, value, lo: int, hi: int) -> int:
+    """A whole number in lo..hi: 1.5 is refused, not rounded (the API hands raw values, see create_demo)."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}") from None
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
     if not number.is_integer() or not lo <= number <= hi:
-        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}")
+        raise ValueError(f"{name} must be a whole number in {lo}..{hi}, got {shown(value)}")
     return int(number)
+
+
+def _boolean(name: str, value) -> bool:
+    """A checkbox value: true or false (None: unset, false); "yes" or 1 are refused, not counted as true."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {shown(value)}")
+    return value
 
 
 def _text(name: str, value, required: bool) -> str:
@@ -174,8 +190,20 @@ def _text(name: str, value, required: bool) -> str:
     return text
 
 
+def _uploaded_image(value):
+    """An upload as the API hands it over ({"path": ..., ...}, already checked by Gradio to be one of its uploads),
+    decoded by onestep's image reader; a PIL image (Python callers) passes as is."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        try:
+            return open_image(value["path"], "RGB")
+        except ImageInputError as err:  # the reason without the server-side path
+            raise ValueError(f"the control image: {str(err).split(': ', 1)[-1]}") from None
+    return value
+
+
 def check_control_image(image) -> None:
-    """A control image must be a decoded image (Gradio hands over PIL) of sensible size."""
+    """A control image must be a decoded image of sensible size (the API hands over an uploaded file's payload,
+    decoded here by onestep's one image reader: limits, 16-bit, one-line errors)."""
     if image is None:
         raise ValueError("upload a control image (PNG or JPEG)")
     if not isinstance(image, Image.Image):
@@ -293,7 +321,11 @@ def create_demo(demo: Demo, concurrency: int = 2, max_queue: int = 128) -> gr.Bl
                                          elem_id="teacher-gallery", visible=caps.teacher, **GALLERY)
                 latency = gr.Markdown("Press **Generate**.", label="latency", elem_id="latency")
         outputs = [student, latency] + ([teacher] if caps.teacher else [])
-        button.click(_endpoint(demo, list(inputs)), list(inputs.values()), outputs, api_name="generate")
+        # preprocess=False: the handler gets the raw values and Request.parse checks every one in one line (Gradio's
+        # own preprocessing rounds 1.5 to 2, passes "yes" as a checkbox value and answers in 5-line messages that
+        # echo the whole value); uploads are still moved into Gradio's cache and checked by Gradio first.
+        button.click(_endpoint(demo, list(inputs)), list(inputs.values()), outputs, api_name="generate",
+                     preprocess=False)
     blocks.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return blocks
 
@@ -333,7 +365,7 @@ def _endpoint(demo: Demo, names: list[str]):
             req = Request.parse(dict(zip(names, values)), demo.caps, demo.max_images)
             result = demo.generate(req)
         except ValueError as err:  # bad input (ours or the pipeline's): one readable line to the user
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(" ".join(str(err).split())[:500], print_exception=False) from None
         except Exception as err:  # anything else: the user sees its name, the server log the traceback
             log.exception("generate failed")
             raise gr.Error(f"generation failed ({type(err).__name__}); see the server log") from None

@@ -21,9 +21,68 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
 Run `onestep COMMAND --help` for the options of a command."""
 
 
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (`onestep CMD: error: ...`, exit 2), like every other onestep error, instead of
+    the usage block (subcommand parsers inherit the class)."""
+
+    def error(self, message):
+        raise _UsageError(self.prog, message)
+
+
+def _whole(lo: int, hi: int | None = None, what: str = ""):
+    """An argparse type: a whole number in lo..hi. 0 is refused where it is out of range (it never means "the
+    default": leave the flag out for that)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            default = "; leave the flag out for the default" if value == 0 else ""
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}{what}, got {shown(text)}{default}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _number(lo: float, hi: float):
+    """An argparse type: a finite number in lo..hi (nan and inf refused)."""
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo:g}..{hi:g}, got {shown(text)}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _path(text: str) -> str:
+    """An argparse type: a path that names something (an empty one would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a path, got an empty string (it would mean the current folder)")
+    return text
+
+
+def shown(value) -> str:
+    from .checks import shown as _shown
+
+    return _shown(value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="onestep", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="onestep", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
@@ -34,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_fid(sub)
     _add_demo(sub)
     _add_recipes(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(f"{err.prog}: error: {err}; see `{err.prog} --help`", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0
@@ -57,15 +120,37 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one readable line unless --debug
         if args.debug or not _is_user_error(err):
             raise
-        print(f"onestep {args.command}: error: {err}", file=sys.stderr)
+        message = _one_line(str(err))
+        if _disk_full(err) and "no space left on the device" not in message:  # a bare OSError: what it means here
+            next_step = DISK_FULL_NEXT.get(args.command, DISK_FULL_NEXT[None])
+            message = f"no space left on the device ({' '.join(message.split())[:300]}); {next_step}"
+        print(f"onestep {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+DISK_FULL_NEXT = {
+    "sample": "finished files are complete: free space, then rerun the same command to write the rest",
+    "fid": "nothing was measured: free space (or pass --no-cache), then rerun",
+    None: "the last complete checkpoint is intact: free space, then continue with --resume latest",
+}
+
+
+def _disk_full(err: Exception) -> bool:
+    from .checks import is_disk_full
+
+    return is_disk_full(err)
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    """An error message as printed: lines kept (a recipe's several problems), each cut to `limit` characters."""
+    return "\n".join(line if len(line) <= limit else line[: limit - 3] + "..." for line in message.splitlines())
 
 
 def _is_user_error(err: Exception) -> bool:
     # TrainingStopped only exists once the trainer was imported: don't import it (and diffusers) to print an error
     trainer = sys.modules.get("onestep.training.trainer")
     stopped = (trainer.TrainingStopped,) if trainer is not None else ()
-    return isinstance(err, (ValueError, OSError, FloatingPointError, *stopped))
+    return isinstance(err, (ValueError, OSError, FloatingPointError, *stopped)) or _disk_full(err)
 
 
 def _formatter(prog):
@@ -121,9 +206,9 @@ def _add_pretrain(sub):
                          (Aithal et al. 2024; bench/hallucination_shapes.py measures hallucinations on it)
         The result is a diffusers pipeline folder usable as `teacher:` in any recipe."""))
     p.add_argument("--data", default="digits", choices=["digits", "gaussian_grid", "shapes"])
-    p.add_argument("--resolution", type=int, default=None, help="image size (digits: 16 or 32)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    p.add_argument("--out", required=True, help="output folder (the teacher is written to OUT/pipeline)")
+    p.add_argument("--resolution", type=_whole(1, 4096), default=None, help="image size (digits: 16 or 32)")
+    p.add_argument("--steps", type=_whole(1), default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--out", required=True, type=_path, help="output folder (the teacher is written to OUT/pipeline)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(run=_run_pretrain)
 
@@ -134,9 +219,9 @@ def _run_pretrain(args):
     from .training.trainer import Trainer
 
     overrides = [f"output_dir={args.out}", *args.overrides]
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    if args.resolution:
+    if args.resolution is not None:
         overrides.append(f"data.resolution={args.resolution}")
     config = load_config(pretrain_recipe(args.data), overrides)
     _print_result(Trainer(config).train(), config.output_dir)
@@ -208,9 +293,9 @@ def _add_quickstart(sub):
           OUT/pipeline/      the exported OneStepPipeline (diffusers folder, safetensors)
           OUT/samples.png    teacher 50-step vs student 1-step on the same seeds
           OUT/metrics.json   teacher_fid, student_fid, NFEs, images/s of both, fid_protocol, wall_s"""))
-    p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the recipe's)")
-    p.add_argument("--fid-samples", type=int, default=None, help="samples per side for the Frechet distance")
+    p.add_argument("--out", default="runs/quickstart", type=_path)
+    p.add_argument("--steps", type=_whole(1), default=None, help="distillation steps (default: the recipe's)")
+    p.add_argument("--fid-samples", type=_whole(2), default=None, help="samples per side for the Frechet distance")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(run=_run_quickstart)
 
@@ -248,12 +333,13 @@ def _add_sample(sub):
     p.add_argument("-n", "--num", type=int, default=64, help="number of samples (grid: 1..4096, folder: 1..10^6)")
     p.add_argument("--steps", type=int, default=1, help="1..4 network evaluations per sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="a .png path (one grid) or a folder (numbered PNGs)")
+    p.add_argument("--out", default="samples.png", type=_path,
+                   help="a .png path (one grid) or a folder (numbered PNGs)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per network call when writing a folder")
     p.add_argument("--filter", dest="hal_filter", default=None, metavar="keep|quantile:Q|threshold:T",
                    help="drop likely hallucinations (grid PNG only): keep the -n lowest-scoring of ceil(n x "
                         "--oversample), or of -n those <= the Q-quantile / <= T")
-    p.add_argument("--oversample", type=float, default=1.25,
+    p.add_argument("--oversample", type=_number(1.0, 4.0), default=1.25,
                    help="--filter keep: candidates per kept sample, 1..4 (default 1.25)")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="--filter: the diffusers teacher folder the probe denoises with (default: the model card's)")
@@ -282,7 +368,7 @@ def parse_filter(spec: str, num: int, oversample: float):
         return HalFilter(quantile=number), num
     if number is not None and kind == "threshold" and math.isfinite(number) and number >= 0.0:
         return HalFilter(threshold=number), num
-    raise ValueError(f"--filter must be {FILTER_FORMS}, got {spec!r}")
+    raise ValueError(f"--filter must be {FILTER_FORMS}, got {shown(spec)}")
 
 
 def _run_sample(args):
@@ -301,6 +387,9 @@ def _run_sample(args):
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be 0..2^63-1, got {args.seed}")
     grid = Path(args.out).suffix.lower() == ".png"
+    if not grid and _image_suffix(args.out):
+        raise ValueError(f"--out {args.out}: a grid is written as PNG only (.png); pass a .png path for one "
+                         "grid, or a folder name without an image extension for numbered PNGs")
     if grid and not 1 <= args.num <= 4096:
         raise ValueError(f"--num must be 1..4096 for one grid PNG, got {args.num}; for more samples write numbered "
                          "PNGs to a folder: --out DIR")
@@ -330,6 +419,15 @@ def _run_sample(args):
              output_type="raw").images
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+def _image_suffix(path: str) -> bool:
+    """Does `path` end in an image file extension PIL knows (.jpg, .webp, .gif, ...)? Then it is not a folder name."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    return Path(path).suffix.lower() in Image.registered_extensions()
 
 
 def _sample_filtered(pipe, args, hal_filter, total: int):
@@ -435,9 +533,9 @@ def _add_demo(sub):
           onestep demo runs/quickstart/pipeline --port 7861"""))
     p.add_argument("pipeline", nargs="?", help="exported pipeline folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-images", type=int, default=16, help="cap on images per request")
-    p.add_argument("--concurrency", type=int, default=2, help="requests generated at the same time")
+    p.add_argument("--port", type=_whole(1, 65535, " (a TCP port)"), default=7860)
+    p.add_argument("--max-images", type=_whole(1, 1024), default=16, help="cap on images per request (1..1024)")
+    p.add_argument("--concurrency", type=_whole(1, 64), default=2, help="requests generated at the same time (1..64)")
     p.set_defaults(run=_run_demo)
 
 

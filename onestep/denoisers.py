@@ -295,7 +295,18 @@ def read_model_index(path_or_id: str) -> dict:
         raise ValueError(f"{index_file}: not valid JSON ({_short(err)}); {_REEXPORT}") from None
     if not isinstance(index, dict):
         raise ValueError(f"{index_file}: must be a JSON object naming the pipeline's components; {_REEXPORT}")
+    check_finite_json(index_file, index)
     return index
+
+
+def check_finite_json(file, data) -> None:
+    """JSON allows NaN and Infinity (Python writes them); no onestep or diffusers setting may be either."""
+    from .checks import first_non_finite
+
+    bad = first_non_finite(data)
+    if bad:
+        raise ValueError(f"{file}: {bad[0]} is {bad[1]}, not a finite number; set a finite value (or re-export the "
+                         "folder with onestep)")
 
 
 def import_trusted_class(entry, where: str):
@@ -338,7 +349,10 @@ def load_component(klass, path_or_id: str, name: str, **kwargs):
 
 def check_component_files(klass, path_or_id: str, name: str) -> None:
     """For a local folder: component `name` exists and, if it is a network, has complete safetensors weights; a
-    pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. (Hub ids are checked when loading.)"""
+    pickle (.bin/.pt/.ckpt/...) in their place is refused by name, unread. Whatever the class (an Auto class or a
+    pipeline named for a network slot loads weights too, and may unpickle them), a component folder that holds a
+    pickle anywhere is refused unless the class is a network, which loads safetensors only. (Hub ids are checked
+    when loading.)"""
     from .safe_io import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem
 
     folder = Path(str(path_or_id)) / name
@@ -346,7 +360,15 @@ def check_component_files(klass, path_or_id: str, name: str) -> None:
         return
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: component folder missing (model_index.json lists {name!r}); {_REEXPORT}")
+    for config in folder.glob("*config.json"):  # e.g. scheduler_config.json with "beta_start": NaN
+        try:
+            check_finite_json(config, json.loads(config.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # not JSON: the class's own loader says so
     if not issubclass(klass, nn.Module):
+        pickles = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            refuse_pickle(pickles[0])
         return
     weights = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

@@ -10,6 +10,8 @@ github.com/maple-research-lab/SIM/issues/4, where changing it at inference gives
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ class OneStepGenerator(nn.Module):
     def __init__(self, denoiser: Denoiser, sigma_init: float = 2.5):
         super().__init__()
         self.denoiser = denoiser
-        self.sigma_init = float(denoiser.round_sigma(sigma_init))
+        self.sigma_init = float(denoiser.round_sigma(check_sigma_init(sigma_init, denoiser.schedule)))
 
     def forward(self, z: torch.Tensor, **cond) -> torch.Tensor:
         return self.denoiser(self.sigma_init * z, self.sigma_init, **cond)
@@ -28,3 +30,19 @@ class OneStepGenerator(nn.Module):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.denoiser.sample_shape
+
+
+def check_sigma_init(sigma_init, schedule) -> float:
+    """sigma_init as a float in the teacher's noise range (0, sigma_max]: NaN, infinity or a level the network never
+    saw would be clamped or propagate silently (an all-NaN or an out-of-range generator)."""
+    from .checks import shown
+
+    try:
+        sigma = float(sigma_init)
+    except (TypeError, ValueError):
+        sigma = math.nan
+    hi = float(schedule.sigma_max)
+    if not (math.isfinite(sigma) and 0 < sigma <= hi * (1 + 1e-6)):
+        raise ValueError(f"sigma_init must be a finite noise level in (0, {hi:.4g}] (the teacher's range), got "
+                         f"{shown(sigma_init)}; set method.sigma_init (or the pipeline's model_index.json) to e.g. 2.5")
+    return sigma

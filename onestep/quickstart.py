@@ -26,11 +26,13 @@ TEACHER_STEPS = 50
 def run_quickstart(out: str | Path, steps: int | None = None, fid_samples: int | None = None,
                    overrides: list[str] | tuple = ()) -> dict:
     t0 = time.time()
+    if not str(out).strip():
+        raise ValueError("out: must name a folder, got an empty string (it would mean the current folder)")
     out = Path(out)
     settings = [f"output_dir={out}", f"teacher={DIGITS_TEACHER}", *overrides]
-    if steps:
+    if steps is not None:
         settings.append(f"train.steps={steps}")
-    if fid_samples:
+    if fid_samples is not None:
         settings.append(f"eval.num_samples={fid_samples}")
     config = load_config(recipe_path(QUICKSTART_RECIPE), settings)
     trainer = Trainer(config)

@@ -14,8 +14,11 @@ import pickle
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +109,15 @@ def _png(path: Path, size, truncated=False):
         path.write_bytes(data[: len(data) // 2])
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 8-bit gray pixels and holds none: a decompression bomb's header (57 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def _build(name: str, spec, case: Path, sources: dict) -> None:
     path = case / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,8 @@ def _build(name: str, spec, case: Path, sources: dict) -> None:
         path.write_bytes(bytes.fromhex(spec["bytes"]))
     elif "png" in spec:
         _png(path, spec["png"])
+    elif "png_declared" in spec:
+        path.write_bytes(_png_header_only(*spec["png_declared"]))
     elif "png_truncated" in spec:
         _png(path, spec["png_truncated"], truncated=True)
     elif "evil_pickle" in spec:
@@ -227,3 +241,78 @@ def test_exit_status_and_stderr_end_to_end(sources, tmp_path):
         _check(spec, case, before, proc.returncode, err, command)
     _, err = debug.communicate(timeout=300)
     assert debug.returncode != 0 and "Traceback (most recent call last)" in err
+
+
+# --- never hang, never silently do something else ------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["87_yaml_alias_bomb", "89_yaml_merge_key_bomb", "88_yaml_alias_cycle"])
+def test_an_alias_bomb_is_refused_within_two_seconds(case, tmp_path):
+    from onestep.training.config import ConfigError, load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_load((CORPUS / f"{case}.yaml").read_text())["files"]["recipe.yaml"])
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than|refers to itself") as err:
+        load_config(recipe)
+    assert time.perf_counter() - start < 2.0
+    assert len(str(err.value)) < 300 and "lol" not in str(err.value)  # the expanded value is never printed
+
+
+def test_yaml_anchors_merges_and_overrides_still_load(tmp_path):
+    from onestep.training.config import load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("opt: &opt {lr: 2.0e-5, betas: [0.0, 0.99]}\nmethod:\n  name: uni_instruct\n"
+                      "  generator_optimizer: *opt\n  fake_optimizer: {<<: *opt, lr: 1.0e-5}\n")
+    with pytest.raises(Exception, match="opt: unknown key"):  # anchors live in known keys only; the merge is fine
+        load_config(recipe)
+    recipe.write_text("method:\n  name: uni_instruct\n  generator_optimizer: &opt {lr: 2.0e-5, betas: [0.0, 0.99]}\n"
+                      "  fake_optimizer: {<<: *opt, lr: 1.0e-5}\n")
+    config = load_config(recipe)
+    assert config.method.fake_optimizer.lr == 1e-5 and config.method.fake_optimizer.betas == (0.0, 0.99)
+    assert config.method.generator_optimizer.lr == 2e-5
+
+
+def test_every_config_float_refuses_nan_and_infinity():
+    """The Python API too (configs built without a recipe): pydantic's allow_inf_nan=False on every config model."""
+    from pydantic import ValidationError
+
+    from onestep.methods.base import OptimizerConfig
+    from onestep.methods.uni_instruct import UniInstructConfig
+    from onestep.training.config import EMAConfig, TeacherConfig
+
+    for model, field in [(UniInstructConfig, "alpha"), (UniInstructConfig, "sigma_init"), (OptimizerConfig, "lr"),
+                         (EMAConfig, "decay"), (TeacherConfig, "guidance_scale")]:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            extra = {"path": "x"} if model is TeacherConfig else {}
+            with pytest.raises(ValidationError, match="finite number"):
+                model(**extra, **{field: bad})
+
+
+def test_a_recipe_is_read_from_stdin(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "onestep", "train", "/dev/stdin", "--dry-run"], cwd=tmp_path,
+                          input="method: {name: uni_instruct, alpha: 0.5}\n", capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "alpha: 0.5" in done.stdout
+
+
+# --- the Python API: one-line ValueErrors too -----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$"),
+    ({"batch_size": -2}, r"^batch_size must be a whole number >= 1, got -2$"),
+    ({"batch_size": 2, "class_labels": [3, 10]}, r"^class_labels must be in 0\.\.9 \(this generator has 10 classes\), "
+                                                  r"got 10$"),
+    ({"batch_size": 2, "class_labels": [-1, 0]}, r"^class_labels must be in 0\.\.9 .*got -1$"),
+    ({"batch_size": 2, "class_labels": [0.5, 1]}, r"^class_labels must be whole numbers in 0\.\.9"),
+    ({"batch_size": 3, "class_labels": [1, 2]}, r"^class_labels: got 2 labels for 3 samples"),
+])
+def test_the_pipeline_refuses_bad_arguments_in_one_line(sources, kwargs, message):
+    from onestep.pipelines import OneStepPipeline
+
+    pipe = OneStepPipeline.from_pretrained(sources["pipeline"])
+    with pytest.raises(ValueError, match=message) as err:
+        pipe(**kwargs, output_type="pt")
+    assert "\n" not in str(err.value)
+    one = pipe(batch_size=3, class_labels=[7], output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert one.shape[0] == 3  # a single label applies to every sample

@@ -67,7 +67,7 @@ def test_sigkilled_job_resumes_without_duplicates_or_gaps(pipeline_dir, tmp_path
     assert _pngs(out) == expected  # exactly 0..N-1, byte-identical to the uninterrupted run
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.png") if p.name in survivors} \
         == survivors  # files finished before the kill were not written again
-    assert sorted(os.listdir(out)) == sorted([*expected, bulk.MANIFEST])  # no temporary files left
+    assert sorted(os.listdir(out)) == sorted([*expected, bulk.MANIFEST, bulk.LOCK])  # no temporary files left
 
 
 def test_sample_i_depends_only_on_seed_and_i(pipeline_dir, tmp_path):
@@ -102,3 +102,52 @@ def test_other_settings_never_mix_into_a_job(pipeline_dir, tmp_path, capsys):
                      *extra]) == 2
         assert "holds samples of another job" in capsys.readouterr().err
     assert _pngs(tmp_path / "job") == before
+
+
+def test_a_truncated_png_is_written_again(pipeline_dir, tmp_path):
+    """A file under its final name cut short (a full disk, a partial copy) is not counted as done: rewritten."""
+    _sample(pipeline_dir, tmp_path / "job", 16)
+    expected = _pngs(tmp_path / "job")
+    cut = tmp_path / "job" / "000003.png"
+    cut.write_bytes(expected["000003.png"][:-20])  # the image data is there, the closing chunks are not
+    (tmp_path / "job" / "000005.png").write_bytes(b"")
+    assert bulk.completed_indices(tmp_path / "job", 16) == set(range(16)) - {3, 5}
+    _sample(pipeline_dir, tmp_path / "job", 16)
+    assert _pngs(tmp_path / "job") == expected
+
+
+def test_a_second_job_into_a_locked_folder_is_refused_and_touches_nothing(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "job"
+    _sample(pipeline_dir, out, 8)
+    live_tmp = out / f".{9:06d}.png.tmp{os.getpid()}"  # a temporary file of the job holding the lock
+    with bulk.folder_lock(out):
+        live_tmp.write_bytes(b"being written")
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        capsys.readouterr()
+        assert main(["sample", pipeline_dir, "-n", "16", "--batch-size", str(BATCH), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("onestep sample: error: --out") and "\n" not in err
+        assert f"another `onestep sample` (pid {os.getpid()}) is writing into this folder" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the live job's temp file survives
+    live_tmp.unlink()
+    _sample(pipeline_dir, out, 16)  # the lock is released with its holder
+
+
+def test_two_concurrent_samplers_into_one_folder_never_mix(pipeline_dir, tmp_path):
+    """Two `onestep sample` processes started together on one folder: one writes, the other is refused at once (or,
+    started after the first finished, finds the job complete); the folder ends identical to a single run."""
+    _sample(pipeline_dir, tmp_path / "reference", N)
+    out = tmp_path / "shared"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(WORKER), "--write-delay", "0.02", "--", "sample", pipeline_dir, "-n", str(N),
+           "--batch-size", str(BATCH), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert sorted(rc for rc, _ in results)[0] == 0, results
+    for rc, err in results:
+        if rc:
+            lines = [line for line in err.splitlines() if line.strip() and not line.startswith("sample")]
+            assert rc == 2 and lines[-1].startswith("onestep sample: error: --out") and "another" in lines[-1], err
+    assert _pngs(out) == _pngs(tmp_path / "reference")
+    assert sorted(os.listdir(out)) == sorted([*_pngs(out), bulk.MANIFEST, bulk.LOCK])

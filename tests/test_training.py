@@ -99,11 +99,15 @@ def test_lr_schedule_is_a_function_of_the_step_so_resume_needs_no_state(tiny_tea
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tiny_teacher_dir, tmp_path):
+def test_a_fresh_run_sets_an_earlier_runs_results_aside(tiny_teacher_dir, tmp_path):
     Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=6, loss="sid")).train()  # checkpoints 2, 4, 6
+    first = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=2, loss="sid")).train()  # a new run, same folder
-    (aside,) = tmp_path.glob("checkpoints_before_*")
-    assert len(list(aside.glob("step_*"))) == 3 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 1
+    (aside,) = tmp_path.glob("earlier_*")
+    assert {str(p.relative_to(aside)): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == first
+    assert len(list((aside / "checkpoints").glob("step_*"))) == 3
+    assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 1
+    assert (tmp_path / "pipeline").is_dir() and (tmp_path / "metrics.jsonl").is_file()  # the new run's
     resumed = Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=4, loss="sid"), resume="latest")
     assert resumed.start_step == 2  # the new run's checkpoint, not the old step 6
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .images import ImageInputError, open_image
 from .shapes import IMAGE_SIZE as SHAPES_SIZE
 from .shapes import SHAPES, SHAPES_DEFAULT_SAMPLES, generate_simple_shapes, presence_labels
 from .toy2d import GRID_DEFAULT_SAMPLES, GRID_MODE_STD, gaussian_grid_modes, sample_gaussian_grid
@@ -115,13 +116,11 @@ def load_shapes(resolution: int | None = None, num_samples: int | None = None, s
 
 
 def _read_image(path: Path, mode: str, resolution: int) -> np.ndarray:
-    """Decode, center-crop to a square and resize one image; any decoding failure names the file."""
+    """Decode (onestep.data.images: limits, 16-bit, errors naming the file), center-crop to a square and resize."""
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
-        raise ValueError(f"{path}: not a readable image ({' '.join(str(err).split()) or type(err).__name__}); "
-                         "delete or replace the file (every png/jpg/jpeg/webp in the folder is used)") from None
+        img = open_image(path, mode)
+    except ImageInputError as err:
+        raise ImageInputError(f"{err} (every png/jpg/jpeg/webp in the folder is used)") from None
     img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8).reshape(resolution, resolution, -1)
 
@@ -281,4 +280,6 @@ def load_dataset(
         return _with_channels(_subset(load_digits_images(resolution), num_samples, seed), channels)
     if name == "shapes":
         return _with_channels(load_shapes(resolution, num_samples, seed), channels)
-    raise ValueError(f"unknown dataset {name!r}; set data.name to one of: {', '.join(DATASETS)}")
+    from ..checks import shown
+
+    raise ValueError(f"unknown dataset {shown(name)}; set data.name to one of: {', '.join(DATASETS)}")

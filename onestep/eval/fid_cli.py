@@ -389,7 +389,6 @@ def _safe(text: str) -> str:
 
 def _reference_dataset(source: Source, datasets_root: str | None, progress: bool) -> tuple[Any, str, int | None]:
     """(lazy Dataset of uint8 [3, H, W] images, cache name, number of images if known without building it)."""
-    from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
     from torch_fidelity.registry import DATASETS_REGISTRY
 
     from .fid import _Uint8Images
@@ -406,7 +405,9 @@ def _reference_dataset(source: Source, datasets_root: str | None, progress: bool
             st = os.stat(f)
             digest.update(f"{os.path.basename(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         name = f"folder-{_safe(source.path.resolve().name)}-n{len(source.files)}-{digest.hexdigest()[:12]}"
-        return _LazyDataset(lambda: ImagesPathDataset(source.files, TransformPILtoRGBTensor())), name, len(source.files)
+        from ..data.images import ImageFolderDataset  # the one image reader: sizes, bombs, 16-bit, errors name files
+
+        return _LazyDataset(lambda: ImageFolderDataset(source.files)), name, len(source.files)
     root = datasets_root or os.path.join(torch.hub._get_torch_home(), "fidelity_datasets")  # torch-fidelity's default
 
     def build():

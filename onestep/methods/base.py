@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,16 +19,16 @@ from torch import nn
 
 
 class StrictModel(BaseModel):
-    """Config base: unknown keys are errors, not silently ignored."""
+    """Config base: unknown keys are errors, not silently ignored; NaN / infinity are never valid floats."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class OptimizerConfig(StrictModel):
     """Adam(W) settings for one network. SiD/Uni-Instruct use betas (0, 0.999)."""
 
     lr: float = Field(1e-5, gt=0)
-    betas: tuple[float, float] = (0.0, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
@@ -209,9 +209,11 @@ def available_methods() -> dict[str, type[Method]]:
 
 
 def get_method(name: str) -> type[Method]:
+    from ..checks import shown
+
     methods = available_methods()
     if name not in methods:
-        raise ValueError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(methods))}")
+        raise ValueError(f"method.name: unknown method {shown(name)}; valid: {', '.join(sorted(methods))}")
     return methods[name]
 
 

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..checks import class_labels_in_range, positive_batch_size
 from ..denoisers import denoiser_from_pretrained, import_trusted_class, load_component, read_model_index
 from ..generators import OneStepGenerator
 from ..sampling.hallucination import HalFilter, probe_filter
@@ -127,7 +128,7 @@ class OneStepPipeline(DiffusionPipeline):
         if not 1 <= num_inference_steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be 1..{MAX_STEPS}, got {num_inference_steps}")
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        batch_size = batch_size or (len(prompts) if prompts else 1)
+        batch_size = positive_batch_size(batch_size) if batch_size is not None else len(prompts) if prompts else 1
         if self.prompt_encoder is not None:
             if not prompts:
                 raise ValueError("this generator is text-conditional: pass prompt='...' (or a list, one per sample)")
@@ -145,7 +146,7 @@ class OneStepPipeline(DiffusionPipeline):
         if num_classes:
             if class_labels is None:
                 class_labels = torch.arange(batch_size) % num_classes
-            cond["class_labels"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
+            cond["class_labels"] = class_labels_in_range(class_labels, num_classes, batch_size).to(self.device)
         noise_generator = generator[0] if isinstance(generator, list) else generator
         x = sample_few_step(gen, z, num_inference_steps, noise_generator=noise_generator, **cond)
         extra = {}

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..safe_io import PICKLE_SUFFIXES, refuse_pickle, safetensors_problem  # noqa: F401  (re-exported)
+from ..checks import is_disk_full
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 TMP_DIR = re.compile(r"^\.tmp_step_\d{7}_\d+$")
@@ -73,33 +74,17 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
             shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    tmp.mkdir()
-    for name, module in modules.items():
-        tensors = _contiguous(module.state_dict())
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FloatingPointError(f"not saving step {step}: {name} has non-finite weights ({bad[0]}, ...)")
-        save_file(tensors, tmp / f"{name}.safetensors")
-    optimizer_meta = {}
-    for name, optimizer in optimizers.items():
-        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FloatingPointError(f"not saving step {step}: optimizer {name} has non-finite state ({bad[0]}, ...)")
-        save_file(tensors, tmp / f"optimizer_{name}.safetensors")
-        optimizer_meta[name] = meta
-    if method_state:  # state of the method that is not a network (a dual variable, a running statistic)
-        tensors = _contiguous(method_state)
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FloatingPointError(f"not saving step {step}: method state {bad[0]} is not finite")
-        save_file(tensors, tmp / METHOD_STATE_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizers": optimizer_meta}, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
+    try:
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, modules, optimizers, state, method_state)
+    except BaseException as err:  # nothing half-written stays behind, whatever stopped the save
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            last = checkpoint_dirs(root)
+            kept = f"the last complete checkpoint, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
+            raise OSError(f"not saving step {step}: no space left on the device of {root} (the partial checkpoint "
+                          f"was removed; {kept}); free space, then continue with --resume latest") from err
+        raise
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -109,6 +94,35 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module],
     for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_checkpoint(tmp: Path, step: int, modules: dict[str, torch.nn.Module],
+                      optimizers: dict[str, torch.optim.Optimizer], state: dict,
+                      method_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Every file of checkpoint `step` into the folder `tmp`, fsynced (non-finite weights are refused)."""
+    for name, module in modules.items():
+        tensors = _contiguous(module.state_dict())
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not saving step {step}: {name} has non-finite weights ({bad[0]}, ...)")
+        save_file(tensors, tmp / f"{name}.safetensors")
+    optimizer_meta = {}
+    for name, optimizer in optimizers.items():
+        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not saving step {step}: optimizer {name} has non-finite state ({bad[0]}, ...)")
+        save_file(tensors, tmp / f"optimizer_{name}.safetensors")
+        optimizer_meta[name] = meta
+    if method_state:  # state of the method that is not a network (a dual variable, a running statistic)
+        tensors = _contiguous(method_state)
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"not saving step {step}: method state {bad[0]} is not finite")
+        save_file(tensors, tmp / METHOD_STATE_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizers": optimizer_meta}, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
 
 
 def read_state(path: Path) -> dict:

@@ -22,9 +22,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..checks import is_disk_full
 from ..methods.base import Batch, Method, batch_from_data, get_method
-from . import checkpoint as ckpt
 from ..teachers import open_teacher
+from . import checkpoint as ckpt
+from . import outputs
 from .config import RunConfig, dump_config
 from .visuals import plot_metrics, save_samples
 
@@ -146,9 +148,8 @@ class Trainer:
         self.start_step, self.skipped_updates = 0, 0
         self._last_grad_norms: dict[str, float] = {}
         self.metrics_file = self.out / "metrics.jsonl"
-        if not resume and self.accelerator.is_main_process:
-            self.metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
-            self._set_aside_old_checkpoints()
+        if self.accelerator.is_main_process:
+            self._set_aside_earlier_run(resume)
         self.fixed_noise, self.fixed_cond = self._fixed_inputs()
         if resume:
             self._resume(resume)
@@ -225,7 +226,7 @@ class Trainer:
         cfg, acc = self.config.train, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(self.config))
+            outputs.mark_run(self.out, dump_config(self.config))
         acc.init_trackers("onestep", config={"method": self.config.method.name, "seed": self.config.seed})
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
@@ -320,21 +321,29 @@ class Trainer:
                                                          f".old_{folder}_{os.getpid()}"))
         for stale in [*self.out.glob(f".tmp_{folder}_*"), *self.out.glob(f".old_{folder}_*")]:  # a killed export
             shutil.rmtree(stale, ignore_errors=True)
-        self.method.export(network, tmp, card)
+        try:
+            self.method.export(network, tmp, card)
+        except BaseException as err:  # a half-written export never stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err):
+                raise OSError(f"not exporting: no space left on the device of {self.out} (the partial export was "
+                              f"removed; the checkpoints, and {final} if there was one, are intact); free space, then "
+                              "rerun with --resume latest to export") from err
+            raise
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
-    def _set_aside_old_checkpoints(self) -> None:
-        """A fresh run into a folder that holds an earlier run's checkpoints renames them to checkpoints_before_<time>:
-        mixed with the new ones, retention could delete the new run's and `--resume latest` would pick the old run."""
-        old = self.out / "checkpoints"
-        if old.is_dir() and any(old.iterdir()):
-            aside = self.out / f"checkpoints_before_{time.strftime('%Y%m%d-%H%M%S')}"
-            old.rename(aside)
-            print(f"{old} held an earlier run's checkpoints: moved to {aside} (use --resume latest to continue a run)")
+    def _set_aside_earlier_run(self, resume) -> None:
+        """A fresh run into an earlier run's folder moves that run's results (checkpoints, pipeline, metrics, curves)
+        to earlier_<time>/: mixed with the new ones, retention could delete the new run's checkpoints and `--resume
+        latest` would pick the old run. Files of those names that onestep did not write are refused, never touched
+        (onestep.training.outputs)."""
+        note = outputs.claim_output_dir(self.out, resume=bool(resume))
+        if note:
+            print(note)
 
     def save_checkpoint(self, step: int) -> None:
         acc = self.accelerator
