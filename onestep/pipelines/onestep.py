@@ -181,6 +181,7 @@ tags: [onestep, one-step-diffusion, distillation]
 ```python
 from onestep.pipelines import load_pipeline
 pipe = load_pipeline("path/to/this/folder")
-images = pipe(batch_size=16, num_inference_steps={card.get("nfe", 1)}, generator=torch.Generator().manual_seed(0)).images
+generator = torch.Generator().manual_seed(0)
+images = pipe(batch_size=16, num_inference_steps={card.get("nfe", 1)}, generator=generator).images
 {plain}```
 """

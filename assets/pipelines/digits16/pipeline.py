@@ -194,7 +194,8 @@ class GeneratorCallMixin:
         generate(noise, num_inference_steps, class_labels, prompts, generator, callback=None, **extra)
                                     -> images (or points) in [-1, 1], decoded to pixels; a pure function of its
                                     inputs. `callback(step, sigma, latents) -> latents` runs after each evaluation.
-        generate_latents(...)       the same before the VAE (identical to generate for pixel generators)
+        generate_latents(...)       the same before the VAE (identical to generate for pixel generators), and
+        decode_latents(latents)     latents -> generate's images
 
     and `__call__`, diffusers' conventions built on generate: output_type pil / np / pt / latent, return_dict,
     num_images_per_prompt, a generator per sample (sample i then depends only on generator i, at any number of
@@ -235,6 +236,10 @@ class GeneratorCallMixin:
     def generate_latents(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None,
                          **extra):
         return self.generate(noise, num_inference_steps, class_labels, prompts, generator, **extra)
+
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """generate_latents' output -> generate's (the VAE, where there is one)."""
+        return x
 
     @property
     def card(self) -> dict:
