@@ -151,8 +151,8 @@ def sample_to_folder(pipe, out_dir, num: int, seed: int = 0, steps: int = 1, bat
         raise ValueError("this pipeline is text-conditional; `onestep sample` writes class-conditional and "
                          "unconditional samples only (call the pipeline with your prompts)")
     if len(pipe.noise_shape) != 3:
-        raise ValueError(f"this pipeline generates samples of shape {tuple(pipe.noise_shape)}, not images; write "
-                         "one plot instead: --out samples.png")
+        raise ValueError(f"this pipeline generates samples of shape {tuple(pipe.noise_shape)}, not 1- or 3-channel "
+                         "images; write one plot instead: --out samples.png")
     out = Path(out_dir)
     source = str(source or pipe.config.get("_name_or_path", ""))
     settings = {"format": "png-folder", "pipeline": pipeline_fingerprint(source), "seed": seed, "steps": steps,
