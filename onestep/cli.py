@@ -255,6 +255,7 @@ def _run_sample(args):
     if args.hal_filter is not None:
         hal_filter, total = parse_filter(args.hal_filter, args.num, args.oversample)
     pipe = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
     if not 1 <= args.steps <= pipe.max_inference_steps:
         raise ValueError(f"--steps must be 1..{pipe.max_inference_steps} network evaluations per sample, got "
                          f"{args.steps}; use 1 for the one-step generator")

@@ -128,6 +128,11 @@ def test_one_generator_is_reproducible_and_batch_size_is_checked(pipe):
             pipe(**_inputs(pipe, batch_size=bad))
     with pytest.raises(ValueError, match="num_inference_steps must be 1.."):
         pipe(**_inputs(pipe), num_inference_steps=pipe.max_inference_steps + 1)
+    if pipe.num_classes:  # issue 11: out-of-range labels were a bare IndexError
+        with pytest.raises(ValueError, match=f"class_labels must be in 0..{pipe.num_classes - 1}"):
+            pipe(**_inputs(pipe, class_labels=[0, pipe.num_classes]))
+    with pytest.raises(ValueError, match="latents must be a tensor of shape"):
+        pipe(**_inputs(pipe), latents=torch.zeros(5, 1))
 
 
 def test_num_images_per_prompt(pipe):

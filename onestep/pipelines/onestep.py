@@ -12,6 +12,7 @@ protocol), and `pipeline.py` where plain diffusers can load every component.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from .base import GeneratorPipeline
 from .registry import register_pipeline
 
 CARD_FILE = standalone_pipeline.CARD_FILE
-REMOTE_CODE = Path(standalone_pipeline.__file__).read_text()  # written as pipeline.py on export
 log = logging.getLogger(__name__)
 
 
@@ -160,6 +160,17 @@ class OneStepPipeline(GeneratorPipeline, standalone_pipeline.OneStepPipeline):
         super().save_pretrained(save_directory, **kwargs)
         card = {**self.card, **self.card_facts()}
         (Path(save_directory) / "README.md").write_text(model_card(card, self.standalone_code() is not None))
+
+
+def _call_signature() -> inspect.Signature:
+    """__call__'s signature as users (and diffusers' tests) inspect it: the protocol's parameters + the filter's."""
+    parameters = list(inspect.signature(standalone_pipeline.GeneratorCallMixin.__call__).parameters.values())
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for name in ("hallucination_filter", "hallucination_denoiser")]
+    return inspect.Signature(parameters[:-1] + extra + parameters[-1:])
+
+
+OneStepPipeline.__call__.__signature__ = _call_signature()
 
 
 def model_card(card: dict, plain_diffusers: bool = True) -> str:
