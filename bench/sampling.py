@@ -33,7 +33,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     teacher = load_teacher(args.teacher).to(args.device, dtype)
     if args.student:
-        student = load_pipeline(args.student).to(args.device, dtype)
+        student = load_pipeline(args.student, torch_dtype=dtype).to(args.device)
     else:
         student = OneStepPipeline.from_generator(OneStepGenerator(teacher, 2.5), teacher.scheduler)
     noise = torch.randn((args.batch, *student.noise_shape), device=args.device)
