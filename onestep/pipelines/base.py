@@ -72,14 +72,14 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
                              "pass the pipeline/ folder a onestep run exported (a teacher is distilled with "
                              "`onestep train`, not sampled here)")
         parameters = inspect.signature(cls.__init__).parameters
+        modules, _ = cls._get_signature_keys(cls)
         components, config = {}, {}
         for name, entry in index.items():
             if name.startswith("_"):
                 continue
-            if name in parameters and isinstance(entry, list) and len(entry) == 2 and \
-                    (entry[0] is None or name in cls._optional_components or name == "scheduler"):
-                if entry[0] is None:
-                    continue
+            if name in modules:
+                if entry is None or (isinstance(entry, list) and entry and entry[0] is None):
+                    continue  # an absent optional component ([null, null])
                 klass = import_trusted_class(entry, path)
                 extra = {"torch_dtype": torch_dtype} if torch_dtype is not None and issubclass(klass, torch.nn.Module) \
                     else {}

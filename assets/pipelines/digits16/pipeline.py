@@ -582,7 +582,9 @@ class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
                                  f"{diffusers.__version__}")
             kwargs = {}
             for arg, parameter in inspect.signature(klass.__init__).parameters.items():
-                if arg in components:
+                if arg == "scheduler":  # a copy: some pipelines' __init__ rewrites their scheduler's config
+                    kwargs[arg] = type(self.scheduler).from_config(self.scheduler.config)
+                elif arg in components:
                     kwargs[arg] = components[arg]
                 elif arg == "requires_safety_checker":
                     kwargs[arg] = False
