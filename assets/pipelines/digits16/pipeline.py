@@ -143,9 +143,11 @@ def _per_sample(sigma: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The network in its dtype (text embeddings too); the timestep (EDM's c_noise) stays fp32, as bf16 would round
+    625 to 624."""
     dtype = model.dtype
     cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-    return model(x.to(dtype), timestep=timestep.to(dtype), **cond, return_dict=False)[0].float()
+    return model(x.to(dtype), timestep=timestep.float(), **cond, return_dict=False)[0].float()
 
 
 def _sample_shape(model) -> tuple:
