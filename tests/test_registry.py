@@ -12,6 +12,7 @@ from PIL import Image
 from flip_pipeline import FlipPipeline, flip_registered  # noqa: F401  (fixture)
 from onestep.cli import main
 from onestep.pipelines import OneStepPipeline, available_pipelines, load_pipeline, register_pipeline
+from tiny_teachers import text_export
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 import app as demo_app  # noqa: E402
@@ -61,7 +62,8 @@ def test_onestep_sample_on_another_class(twins, tmp_path, capsys):
 def test_onestep_fid_on_another_class(twins, tmp_path, capsys):
     """FID of the flip class sampled on the fly = FID of the PNGs `onestep sample` wrote from it (index sampling)."""
     _, flip = twins
-    assert main(["sample", str(flip), "-n", "12", "--batch-size", "4", "--seed", "1", "--out", str(tmp_path / "p")]) == 0
+    assert main(["sample", str(flip), "-n", "12", "--batch-size", "4", "--seed", "1",
+                 "--out", str(tmp_path / "p")]) == 0
     common = ["onestep:digits", "--resolution", "8", "--no-cache", "--batch-size", "4", "--json", "--no-progress"]
     results = []
     for source, extra in ((flip, ["-n", "12", "--seed", "1", "--sampling", "index"]), (tmp_path / "p", [])):
@@ -70,6 +72,20 @@ def test_onestep_fid_on_another_class(twins, tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["fid"] == results[1]["fid"] > 0
     assert results[0]["protocol"]["nfe"] == 1 and "pipeline" in results[0]["protocol"]["input1"]
+
+
+def test_demo_serves_a_latent_text_export(tmp_path):
+    """A prompt box (takes_prompt), pixels decoded by the VAE, the pipeline's own images for the same seed."""
+    text_export(tmp_path, tmp_path / "text")
+    demo = demo_app.Demo(tmp_path / "text")
+    assert demo.caps.prompt and demo.caps.num_classes is None and demo.caps.hal_filter
+    with demo_app.gr.Blocks():
+        assert list(demo_app._controls(demo.caps, 16))[0] == "prompt"
+    result = demo.generate(demo_app.Request.parse({"seed": 2, "num_images": 2, "prompt": " a red circle "},
+                                                  demo.caps))
+    expected = demo.pipe("a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(2)).images
+    assert [image.size for image, _ in result.images] == [(16, 16)] * 2
+    assert all(got.tobytes() == want.tobytes() for (got, _), want in zip(result.images, expected))
 
 
 def test_demo_generate_path_on_another_class(twins):

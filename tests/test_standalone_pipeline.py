@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
-import tiny_teachers
 from conftest import tiny_unet
+from tiny_teachers import latent_export, text_export
 from onestep.denoisers import MLPModel, denoiser_from_pretrained
 from onestep.generators import OneStepGenerator
 from onestep.pipelines import OneStepPipeline, load_pipeline, standalone_pipeline
@@ -72,33 +72,6 @@ def _export(scheduler, path: Path | None = None, model=None) -> OneStepPipeline:
     denoiser = denoiser_from_pretrained(model or tiny_unet(), scheduler)
     pipe = OneStepPipeline.from_generator(OneStepGenerator(denoiser, 2.5), denoiser.scheduler,
                                           {"teacher": "tiny", "method": "test"})
-    if path is not None:
-        pipe.save_pretrained(path)
-    return pipe
-
-
-def latent_export(path: Path | None = None) -> OneStepPipeline:
-    """An unconditional latent generator: a 4-channel UNet2DModel on 8x8 latents + a tiny AutoencoderKL (16x16)."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = OneStepPipeline(scheduler=scheduler, unet=unet, vae=tiny_teachers._vae())
-    pipe.card = {"teacher": "tiny-latent"}
-    if path is not None:
-        pipe.save_pretrained(path)
-    return pipe
-
-
-def text_export(tmp: Path, path: Path | None = None) -> OneStepPipeline:
-    """A text-to-image student of the tiny SD-class teacher (UNet2DConditionModel + VAE + CLIP text encoder)."""
-    from diffusers import StableDiffusionPipeline
-
-    sd = StableDiffusionPipeline.from_pretrained(tiny_teachers.stable_diffusion(tmp / "sd_teacher"))
-    pipe = OneStepPipeline(scheduler=sd.scheduler, unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder,
-                           tokenizer=sd.tokenizer, prompt_pipeline="StableDiffusionPipeline")
-    pipe.card = {"teacher": "tiny-sd"}
     if path is not None:
         pipe.save_pretrained(path)
     return pipe

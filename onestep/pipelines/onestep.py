@@ -174,8 +174,9 @@ OneStepPipeline.__call__.__signature__ = _call_signature()
 
 
 def model_card(card: dict, plain_diffusers: bool = True) -> str:
-    """A Hugging Face model card (YAML front matter, then the facts users look for: what it is, how to run it, the NFE and the
-    measured numbers with their protocol; Hugging Face's model-card guide, huggingface.co/docs/hub/model-cards)."""
+    """A Hugging Face model card (YAML front matter, then the facts users look for: what it is, how to run it, the
+    NFE and the measured numbers with their protocol; Hugging Face's model-card guide,
+    huggingface.co/docs/hub/model-cards)."""
     facts = "\n".join(f"| {k} | {v} |" for k, v in card.items())
     plain = ("# or without onestep (torch + diffusers only; runs this folder's pipeline.py):\n"
              "# diffusers.DiffusionPipeline.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)\n"
