@@ -217,7 +217,8 @@ class Demo:
             raise ValueError(f"{self.pipeline_dir}: this generator makes {tuple(self.pipe.noise_shape)} vectors, not "
                              "images; the demo shows image generators (try `onestep sample`)")
         self.card = self.pipe.card
-        self.teacher, _ = self.pipe.card_teacher()  # None: no side-by-side view
+        # the side-by-side view runs the teacher on the same noise and labels (no prompt encoding): None, no view
+        self.teacher = None if self.pipe.takes_prompt else self.pipe.card_teacher()[0]
         self.caps = Capabilities.of(self.pipe, self.teacher)
         self.max_images = max_images
 
@@ -268,6 +269,7 @@ class Demo:
         cond = {} if labels is None else {"class_labels": labels}
         start = time.perf_counter()
         x = sample_euler(self.teacher, z, teacher_sigmas(self.teacher.schedule, TEACHER_STEPS), **cond)
+        x = self.pipe.decode_latents(x)  # a latent teacher's samples through the generator's VAE
         seconds = time.perf_counter() - start
         return list(zip(_to_pil(x), _captions(labels, len(z)))), seconds
 
