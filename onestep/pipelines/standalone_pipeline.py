@@ -303,8 +303,8 @@ class GeneratorCallMixin:
                        **extra) -> dict:
         """__call__'s arguments, checked, as generate()'s keyword arguments (plus `callback`)."""
         name = type(self).__name__
-        for key, value, unset in (("negative_prompt", negative_prompt, value_is_none),
-                                  ("guidance_scale", guidance_scale, guidance_is_off)):
+        for key, value, unset in (("negative_prompt", negative_prompt, _is_none),
+                                  ("guidance_scale", guidance_scale, _no_guidance)):
             if key in self.extra_inputs:
                 if value is not None:
                     extra[key] = value
@@ -394,11 +394,11 @@ class GeneratorCallMixin:
         return out if return_dict else out.to_tuple()
 
 
-def value_is_none(value) -> bool:
+def _is_none(value) -> bool:
     return value is None
 
 
-def guidance_is_off(value) -> bool:
+def _no_guidance(value) -> bool:
     return value is None or value == 1  # diffusers' convention: guidance_scale 1 is no guidance
 
 
