@@ -110,10 +110,10 @@ def test_generator_list_sample_i_depends_only_on_generator_i(pipe):
             if pipe.num_classes:
                 single["class_labels"] = [i % pipe.num_classes]
             alone = pipe(**single, num_inference_steps=steps).images
-            torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-5)
+            torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-4)  # batch-size-dependent float kernels; a wrong stream differs by O(1)
         other = pipe(**_inputs(pipe, n=3, generator=[torch.Generator().manual_seed(s) for s in (99, 12, 13)]),
                      num_inference_steps=steps).images
-        torch.testing.assert_close(other[1:], batch[1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(other[1:], batch[1:], rtol=0, atol=1e-4)
         assert not torch.equal(other[0], batch[0])
     with pytest.raises(ValueError, match="list of 2 generators for 3 samples"):
         pipe(**_inputs(pipe, n=3, generator=[torch.Generator(), torch.Generator()]))

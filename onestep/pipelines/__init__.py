@@ -5,10 +5,12 @@
     standalone_pipeline.py  the dependency-free OneStepPipeline (written as pipeline.py beside exports) and the
                             protocol's diffusers __call__ (GeneratorCallMixin)
     onestep.py              the registered OneStepPipeline: standalone generation + export, model card, filter
+    teacher.py              TeacherPipeline: a multi-step diffusion teacher folder behind the same protocol
 """
 from .base import GeneratorPipeline
 from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
+from .teacher import TeacherPipeline
 
-__all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "available_pipelines",
+__all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]

@@ -40,6 +40,12 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
     supports_hallucination_filter: ClassVar[bool] = False
 
     @classmethod
+    def accepts(cls, index: dict) -> bool:
+        """Whether this class also loads folders saved under another class name (model_index.json `index`), e.g.
+        plain diffusers teacher folders for `TeacherPipeline`."""
+        return False
+
+    @classmethod
     def dummy_components(cls) -> dict:
         """Tiny random components `cls(**dummy_components())` builds from (CPU, seconds), for the common tests."""
         raise NotImplementedError(f"{cls.__name__} must provide dummy_components() (tests/test_pipeline_common.py)")
@@ -67,7 +73,7 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
         path = str(pretrained_model_name_or_path)
         index = read_model_index(path)
         saved_as = saved_class_name(index)
-        if saved_as not in (None, cls.__name__, *available_pipelines()):
+        if saved_as not in (None, cls.__name__, *available_pipelines()) and not cls.accepts(index):
             raise ValueError(f"{path}: a {saved_as} folder, not a {cls.__name__} (model_index.json _class_name); "
                              "pass the pipeline/ folder a onestep run exported (a teacher is distilled with "
                              "`onestep train`, not sampled here)")

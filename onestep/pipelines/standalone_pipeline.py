@@ -243,6 +243,28 @@ class GeneratorCallMixin:
         """generate_latents' output -> generate's (the VAE, where there is one)."""
         return x
 
+    def conditioning(self, n: int, class_labels=None, prompts=None, device=None) -> dict:
+        """The network's keyword inputs for n samples: class labels (default 0, 1, 2, ... cycling) and/or the
+        prompts' text embeddings."""
+        cond = {}
+        if self.num_classes:
+            labels = torch.arange(n) % self.num_classes if class_labels is None else torch.as_tensor(class_labels)
+            labels = labels.long().reshape(-1)
+            if labels.numel() != n:
+                raise ValueError(f"got {labels.numel()} class_labels for {n} samples")
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()[:8]}")
+            cond["class_labels"] = labels.to(device)
+        elif class_labels is not None:
+            raise ValueError(f"{type(self).__name__} is not class-conditional; drop class_labels")
+        if self.takes_prompt:
+            if prompts is None or len(prompts) != n:
+                raise ValueError(f"this generator is text-conditional: pass one prompt per sample ({n})")
+            cond.update(self.encode_prompt(list(prompts), device))
+        elif prompts:
+            raise ValueError(f"{type(self).__name__} takes no text; drop prompts")
+        return cond
+
     @property
     def card(self) -> dict:
         """Facts about the generator (teacher, method, NFE, FID + protocol), read from the saved folder."""
@@ -536,27 +558,6 @@ class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
             x = callback(step, sigma, x) if callback is not None else x
         return x
 
-    def conditioning(self, n: int, class_labels=None, prompts=None, device=None) -> dict:
-        """The network's keyword inputs for n samples: class labels (default 0, 1, 2, ... cycling) and/or the
-        prompts' text embeddings."""
-        cond = {}
-        if self.num_classes:
-            labels = torch.arange(n) % self.num_classes if class_labels is None else torch.as_tensor(class_labels)
-            labels = labels.long().reshape(-1)
-            if labels.numel() != n:
-                raise ValueError(f"got {labels.numel()} class_labels for {n} samples")
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()[:8]}")
-            cond["class_labels"] = labels.to(device)
-        elif class_labels is not None:
-            raise ValueError(f"{type(self).__name__} is not class-conditional; drop class_labels")
-        if self.takes_prompt:
-            if prompts is None or len(prompts) != n:
-                raise ValueError(f"this generator is text-conditional: pass one prompt per sample ({n})")
-            cond.update(self.encode_prompt(list(prompts), device))
-        elif prompts:
-            raise ValueError(f"{type(self).__name__} takes no text; drop prompts")
-        return cond
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list, device=None) -> dict:
@@ -598,9 +599,9 @@ class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
     @torch.no_grad()
     def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] through the VAE (latents / scaling_factor + shift_factor); pixel
-        generators' samples pass unchanged."""
+        generators' images are clamped to [-1, 1], points pass unchanged."""
         if self.vae is None:
-            return x
+            return x.clamp(-1, 1) if x.dim() == 4 else x
         scaling = float(self.vae.config.get("scaling_factor", 1.0) or 1.0)
         shift = float(self.vae.config.get("shift_factor", 0.0) or 0.0)
         dtype = self.vae.dtype
