@@ -47,7 +47,8 @@ def main(argv=None):
     def request(seed: int):
         start = time.perf_counter()
         try:
-            gallery, latency, *_ = client.predict(*label, seed, args.images, args.steps, False,
+            gallery, latency, *_ = client.predict(*label, seed, args.images, args.steps,
+                                                  *([False] if demo.caps.hal_filter else []),
                                                   *([False] if demo.caps.teacher else []), api_name="/generate")
             ok = len(gallery) == args.images
         except Exception as err:  # counted and shown, the bench goes on

@@ -14,7 +14,7 @@ import torch
 from onestep.denoisers import load_teacher
 from onestep.eval.speed import images_per_second
 from onestep.generators import OneStepGenerator
-from onestep.pipelines import OneStepPipeline
+from onestep.pipelines import OneStepPipeline, load_pipeline
 from onestep.resources import DIGITS_TEACHER
 from onestep.sampling.samplers import sample_euler, teacher_sigmas
 
@@ -22,7 +22,7 @@ from onestep.sampling.samplers import sample_euler, teacher_sigmas
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=str(DIGITS_TEACHER))
-    parser.add_argument("--student", default=None, help="exported OneStepPipeline folder (optional)")
+    parser.add_argument("--student", default=None, help="exported pipeline folder, any registered class (optional)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
@@ -33,19 +33,22 @@ def main():
     dtype = getattr(torch, args.dtype)
     teacher = load_teacher(args.teacher).to(args.device, dtype)
     if args.student:
-        student = OneStepPipeline.from_pretrained(args.student).to(args.device, dtype).one_step_generator
+        student = load_pipeline(args.student, torch_dtype=dtype).to(args.device)
     else:
-        student = OneStepGenerator(teacher, 2.5)
-    noise = torch.randn((args.batch, *teacher.sample_shape), device=args.device)
+        student = OneStepPipeline.from_generator(OneStepGenerator(teacher, 2.5), teacher.scheduler)
+    noise = torch.randn((args.batch, *student.noise_shape), device=args.device)
+    labels = torch.arange(args.batch) % student.num_classes if student.num_classes else None
     cond = {"class_labels": torch.arange(args.batch, device=args.device) % teacher.num_classes} \
         if teacher.num_classes else {}
+    nfe = student.default_inference_steps
     sigmas = teacher_sigmas(teacher.schedule, args.teacher_steps)
     with torch.inference_mode():
-        student_ips = images_per_second(lambda: student(noise, **cond), args.batch, args.repeats)
+        student_ips = images_per_second(lambda: student.generate(noise, nfe, class_labels=labels), args.batch,
+                                        args.repeats)
         teacher_ips = images_per_second(lambda: sample_euler(teacher, noise, sigmas, **cond), args.batch,
                                         max(1, args.repeats // 3))
     print(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
-                      "dtype": args.dtype, "batch": args.batch, "student_nfe": 1, "teacher_nfe": args.teacher_steps,
+                      "dtype": args.dtype, "batch": args.batch, "student_nfe": nfe, "teacher_nfe": args.teacher_steps,
                       "student_images_per_s": round(student_ips, 1), "teacher_images_per_s": round(teacher_ips, 2),
                       "speedup": round(student_ips / teacher_ips, 1)}))
 

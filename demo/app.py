@@ -7,15 +7,18 @@ PIPELINE_DIR defaults to the shipped assets/pipelines/digits16, else the quickst
 The app binds to 127.0.0.1 unless told otherwise, never opens a share link, and turns Gradio's analytics off, so it
 makes no outbound connection. What it shows depends on what the pipeline has:
 
-* a class-label dropdown for class-conditional generators (`num_class_embeds`), a prompt box if `pipe(...)` takes
-  `prompt`; seed, number of images (capped per request), steps 1-4;
-* the hallucination filter (onestep.sampling.hallucination's one-step probe): 25% extra candidates are generated
-  and the ones with the highest score dropped; every image's score is shown in its caption;
+* a class-label dropdown when `pipe.num_classes`, a prompt box when `pipe.takes_prompt`; seed, number of images
+  (capped per request), steps 1..`pipe.max_inference_steps`;
+* one control per entry of `pipe.extra_inputs` (name -> "image": an upload, "text": a text box, "float": a number),
+  passed to `pipe.generate(..., name=value)`;
+* the hallucination filter (onestep.sampling.hallucination's one-step probe) when the class supports it: 25% extra
+  candidates are generated and the ones with the highest score dropped; every image's score is in its caption;
 * the teacher's 50-step sample of the same noise and labels, side by side, when the model card's `teacher` is a
-  loadable local diffusers folder (about 50x slower, so it is an option);
-* OMS on/off + OMS prompt when `pipe.oms` is set, a control-image upload when `pipe.nct` is set; the app passes
-  them to the pipeline as `pipe(..., oms=bool, oms_prompt=str)` and `pipe(..., control_image=PIL.Image)`;
+  loadable local diffusers folder making samples of the generator's noise shape (about 50x slower: an option);
 * latency per image, and the model card's facts (teacher, method, NFE, FID and how it was measured).
+
+It uses only the pipeline protocol (`onestep.pipelines.GeneratorPipeline`) and `load_pipeline`, so any registered
+pipeline class is served.
 
 The Generate endpoint is also an API (`gradio_client.Client(url).predict(..., api_name="/generate")`). Requests go
 through a queue with a concurrency limit, so the page stays responsive when many arrive at once; invalid inputs
@@ -39,15 +42,15 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from onestep.checks import shown  # noqa: E402
 from onestep.data.images import ImageInputError, open_image  # noqa: E402
-from onestep.pipelines import OneStepPipeline  # noqa: E402
-from onestep.pipelines.onestep import MAX_STEPS  # noqa: E402
+from onestep.pipelines import load_pipeline  # noqa: E402
 from onestep.resources import ASSETS, REPO_ROOT  # noqa: E402
-from onestep.sampling.hallucination import HalFilter, probe_filter  # noqa: E402
+from onestep.sampling.hallucination import HalFilter  # noqa: E402
 from onestep.sampling.samplers import sample_euler, teacher_sigmas  # noqa: E402
 
 log = logging.getLogger("onestep.demo")
@@ -62,6 +65,8 @@ TEACHER_STEPS = 50
 HAL_EXTRA = 0.25          # filter on: generate 25% more candidates, keep the lowest-scoring
 ALL_CLASSES = "all"
 GALLERY = dict(columns=4, height="auto", object_fit="contain", format="png")  # png: lossless, exact pixel size
+EXTRA_KINDS = ("image", "text", "float")
+RESERVED = {"seed", "num_images", "steps", "class_label", "hal_filter", "compare_teacher", "prompt", "extras"}
 CSS = "#student-gallery img, #teacher-gallery img { image-rendering: pixelated; }"
 
 
@@ -84,24 +89,19 @@ class Capabilities:
     num_classes: int | None
     max_steps: int
     prompt: bool
-    oms: bool
-    control: bool
     teacher: bool
+    extra_inputs: dict[str, str] = field(default_factory=dict)   # name -> "image" | "text" | "float"
+    hal_filter: bool = True
 
     @classmethod
     def of(cls, pipe, teacher) -> "Capabilities":
-        return cls(num_classes=pipe.one_step_generator.denoiser.num_classes, max_steps=MAX_STEPS,
-                   prompt=_takes_prompt(pipe),
-                   oms=getattr(pipe, "oms", None) is not None, control=getattr(pipe, "nct", None) is not None,
-                   teacher=teacher is not None)
-
-
-def _takes_prompt(pipe) -> bool:
-    """Text-conditional? OneStepPipeline's __call__ always has `prompt` (it refuses text without a text encoder): ask
-    its prompt encoder; any other pipeline: its signature."""
-    if hasattr(type(pipe), "prompt_encoder"):
-        return pipe.prompt_encoder is not None
-    return "prompt" in inspect.signature(pipe.__call__).parameters
+        extra = dict(pipe.extra_inputs)
+        bad = {k: v for k, v in extra.items() if v not in EXTRA_KINDS or k in RESERVED}
+        if bad:
+            raise ValueError(f"{type(pipe).__name__}.extra_inputs {bad}: kinds must be {', '.join(EXTRA_KINDS)} and "
+                             f"names not {', '.join(sorted(RESERVED))}")
+        return cls(num_classes=pipe.num_classes, max_steps=pipe.max_inference_steps, prompt=pipe.takes_prompt,
+                   teacher=teacher is not None, extra_inputs=extra, hal_filter=pipe.supports_hallucination_filter)
 
 
 @dataclass
@@ -115,13 +115,13 @@ class Request:
     hal_filter: bool = False
     compare_teacher: bool = False
     prompt: str | None = None
-    oms: bool = False
-    oms_prompt: str | None = None
-    control_image: Image.Image | None = None
+    extras: dict = field(default_factory=dict)   # the pipeline's extra_inputs, checked
 
     @classmethod
     def parse(cls, values: dict, caps: Capabilities, max_images: int = MAX_IMAGES) -> "Request":
         """Check ranges and types; raise ValueError with a message a user can act on."""
+        values = dict(values)
+        extras = {name: values.pop(name, None) for name in caps.extra_inputs}
         req = cls(**values)
         req.hal_filter = _boolean("hallucination filter", req.hal_filter)
         req.compare_teacher = _boolean("compare with the teacher", req.compare_teacher)
@@ -131,15 +131,13 @@ class Request:
         req.steps = _integer("steps", req.steps, 1, caps.max_steps)
         if caps.num_classes and req.class_label != ALL_CLASSES:
             req.class_label = str(_integer("class label", req.class_label, 0, caps.num_classes - 1))
+        if req.hal_filter and not caps.hal_filter:
+            raise ValueError("this pipeline does not support the hallucination filter")
         if req.compare_teacher and not caps.teacher:
             raise ValueError("this pipeline carries no loadable teacher to compare with")
         if caps.prompt:
             req.prompt = _text("prompt", req.prompt, required=True)
-        if req.oms:
-            req.oms_prompt = _text("OMS prompt", req.oms_prompt, required=False)
-        if caps.control:
-            req.control_image = _uploaded_image(req.control_image)
-            check_control_image(req.control_image)
+        req.extras = {name: _extra(name, kind, extras[name]) for name, kind in caps.extra_inputs.items()}
         return req
 
     def labels(self, n: int, num_classes: int | None) -> torch.Tensor | None:
@@ -149,14 +147,28 @@ class Request:
             return torch.arange(n) % num_classes
         return torch.full((n,), int(self.class_label))
 
-    def pipeline_kwargs(self, caps: Capabilities) -> dict:
-        """Inputs for the optional modules, only those the pipeline has."""
-        kwargs = {"prompt": self.prompt} if caps.prompt else {}
-        if caps.oms:
-            kwargs.update(oms=self.oms, oms_prompt=self.oms_prompt)
-        if caps.control:
-            kwargs["control_image"] = self.control_image
-        return kwargs
+
+def _extra(name: str, kind: str, value):
+    """One extra input, checked by its kind."""
+    name = name.replace("_", " ")
+    if kind == "image":
+        value = _uploaded_image(value, name)
+        check_control_image(value, name)
+        return value
+    if kind == "text":
+        return _text(name, value, required=False)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {_short(value)}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    return number
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _integer(name: str, value, lo: int, hi: int) -> int:
@@ -190,27 +202,26 @@ def _text(name: str, value, required: bool) -> str:
     return text
 
 
-def _uploaded_image(value):
+def _uploaded_image(value, name: str = "control image"):
     """An upload as the API hands it over ({"path": ..., ...}, already checked by Gradio to be one of its uploads),
     decoded by onestep's image reader; a PIL image (Python callers) passes as is."""
     if isinstance(value, dict) and isinstance(value.get("path"), str):
         try:
             return open_image(value["path"], "RGB")
         except ImageInputError as err:  # the reason without the server-side path
-            raise ValueError(f"the control image: {str(err).split(': ', 1)[-1]}") from None
+            raise ValueError(f"the {name}: {str(err).split(': ', 1)[-1]}") from None
     return value
 
 
-def check_control_image(image) -> None:
-    """A control image must be a decoded image of sensible size (the API hands over an uploaded file's payload,
-    decoded here by onestep's one image reader: limits, 16-bit, one-line errors)."""
+def check_control_image(image, name: str = "control image") -> None:
+    """An image input must be a decoded image (Gradio hands over PIL) of sensible size."""
     if image is None:
-        raise ValueError("upload a control image (PNG or JPEG)")
+        raise ValueError(f"upload a {name} (PNG or JPEG)")
     if not isinstance(image, Image.Image):
-        raise ValueError(f"the control image must be a PNG or JPEG picture, got {type(image).__name__}")
+        raise ValueError(f"the {name} must be a PNG or JPEG picture, got {type(image).__name__}")
     lo, hi = CONTROL_SIDE
     if not (lo <= image.width <= hi and lo <= image.height <= hi):
-        raise ValueError(f"the control image is {image.width}x{image.height}; width and height must be {lo}..{hi}")
+        raise ValueError(f"the {name} is {image.width}x{image.height}; width and height must be {lo}..{hi}")
 
 
 @dataclass
@@ -227,31 +238,39 @@ class Demo:
 
     def __init__(self, pipeline_dir: str | os.PathLike | None = None, max_images: int = MAX_IMAGES):
         self.pipeline_dir = find_pipeline(pipeline_dir)
-        self.pipe = OneStepPipeline.from_pretrained(self.pipeline_dir)
-        if len(self.pipe.one_step_generator.sample_shape) != 3:
-            raise ValueError(f"{self.pipeline_dir}: this generator makes {self.pipe.one_step_generator.sample_shape} "
-                             "vectors, not images; the demo shows image generators (try `onestep sample`)")
+        self.pipe = load_pipeline(self.pipeline_dir)
+        self.pipe.set_progress_bar_config(disable=True)
+        if len(self.pipe.noise_shape) != 3:
+            raise ValueError(f"{self.pipeline_dir}: this generator makes {tuple(self.pipe.noise_shape)} vectors, not "
+                             "images; the demo shows image generators (try `onestep sample`)")
         self.card = self.pipe.card
-        self.teacher, _ = self.pipe.card_teacher()  # None: no side-by-side view
+        # the side-by-side view runs the teacher on the same noise and labels (no prompt encoding): None, no view
+        self.teacher = None if self.pipe.takes_prompt else self.pipe.card_teacher()[0]
         self.caps = Capabilities.of(self.pipe, self.teacher)
         self.max_images = max_images
 
     def generate(self, req: Request) -> Result:
-        gen = self.pipe.one_step_generator
         n = req.num_images + (math.ceil(req.num_images * HAL_EXTRA) if req.hal_filter else 0)
         rng = torch.Generator().manual_seed(req.seed)
-        z = randn_tensor((n, *gen.sample_shape), generator=rng, dtype=torch.float32)  # as pipe(generator=seed) draws
+        z = randn_tensor((n, *self.pipe.noise_shape), generator=rng, dtype=torch.float32)  # as pipe(generator=seed)
         labels = req.labels(n, self.caps.num_classes)
+        inputs = dict(num_inference_steps=req.steps, class_labels=labels, generator=rng,
+                      prompts=[req.prompt] * n if self.caps.prompt else None, **req.extras)
         start = time.perf_counter()
-        x = self.pipe(batch_size=n, num_inference_steps=req.steps, generator=rng, class_labels=labels, latents=z,
-                      output_type="raw", **req.pipeline_kwargs(self.caps)).images
+        if req.hal_filter:
+            x = self.pipe.generate_latents(z, **inputs)
+        else:
+            x = self.pipe.generate(z, **inputs)
         seconds = time.perf_counter() - start
         captions = _captions(labels, n)
         keep, note = torch.arange(n), ""
         if req.hal_filter:
             keep, scores, note = self.hal_filter(x, labels, req)
             captions = [" · ".join(filter(None, (c, f"{s:.1e}"))) for c, s in zip(captions, scores.tolist())]
-        images = list(zip(_to_pil(x[keep]), [captions[i] for i in keep]))
+            x = self.pipe.decode_latents(x[keep.to(x.device)])
+        else:
+            x = x[keep.to(x.device)]
+        images = list(zip(_to_pil(x), [captions[i] for i in keep]))
         latency = (f"**{1000 * seconds / n:.1f} ms per image** ({n} image(s) in {1000 * seconds:.0f} ms, "
                    f"{req.steps} step(s), seed {req.seed}){note}")
         teacher_images = []
@@ -260,15 +279,15 @@ class Demo:
             latency += f" · teacher: {1000 * teacher_s / len(keep):.0f} ms per image ({TEACHER_STEPS} steps)"
         return Result(images, latency, teacher_images)
 
-    def hal_filter(self, x: torch.Tensor, labels, req: Request):
-        """Score every candidate with the one-step probe and keep the lowest. The probe denoises with the teacher
-        when there is one (as bench/hallucination_toy.py does), else with the generator's own denoiser."""
-        denoiser, _ = self.pipe.hallucination_probe_denoiser()  # the card's teacher, else the generator's own
-        cond = {} if labels is None else {"class_labels": labels}
-        keep, scores, _ = probe_filter(x, denoiser, HalFilter(keep_n=req.num_images),
-                                       torch.Generator().manual_seed(req.seed), **cond)
-        dropped = sorted(set(range(len(x))) - set(keep.tolist()))
-        note = (f" · hallucination filter: kept the {len(keep)} lowest of {len(x)}, dropped hal "
+    def hal_filter(self, latents: torch.Tensor, labels, req: Request):
+        """Score every candidate with the pipeline's one-step probe and keep the lowest. The probe denoises with the
+        teacher when there is one (as bench/hallucination_toy.py does), else with the generator's own denoiser."""
+        prompts = [req.prompt] * len(latents) if self.caps.prompt else None
+        hal, _ = self.pipe.probe_hallucinations(latents, HalFilter(keep_n=req.num_images), labels, prompts,
+                                                torch.Generator().manual_seed(req.seed))
+        keep, scores = hal.kept, hal.scores
+        dropped = sorted(set(range(len(latents))) - set(keep.tolist()))
+        note = (f" · hallucination filter: kept the {len(keep)} lowest of {len(latents)}, dropped hal "
                 + ", ".join(f"{scores[i]:.1e}" for i in dropped))
         return keep, scores, note
 
@@ -277,6 +296,7 @@ class Demo:
         cond = {} if labels is None else {"class_labels": labels}
         start = time.perf_counter()
         x = sample_euler(self.teacher, z, teacher_sigmas(self.teacher.schedule, TEACHER_STEPS), **cond)
+        x = self.pipe.decode_latents(x)  # a latent teacher's samples through the generator's VAE
         seconds = time.perf_counter() - start
         return list(zip(_to_pil(x), _captions(labels, len(z)))), seconds
 
@@ -298,8 +318,8 @@ def _captions(labels, n: int) -> list[str]:
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
-    images = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return OneStepPipeline.numpy_to_pil(images)
+    images = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return DiffusionPipeline.numpy_to_pil(images)
 
 
 def create_demo(demo: Demo, concurrency: int = 2, max_queue: int = 128) -> gr.Blocks:
@@ -344,17 +364,20 @@ def _controls(caps: Capabilities, max_images: int) -> dict:
     if caps.max_steps > 1:
         controls["steps"] = gr.Slider(1, caps.max_steps, value=1, step=1, label="steps (network evaluations)",
                                       elem_id="steps")
-    controls["hal_filter"] = gr.Checkbox(label="hallucination filter (score shown under each image)",
-                                         elem_id="hal-filter")
+    if caps.hal_filter:
+        controls["hal_filter"] = gr.Checkbox(label="hallucination filter (score shown under each image)",
+                                             elem_id="hal-filter")
     if caps.teacher:
         controls["compare_teacher"] = gr.Checkbox(label=f"compare with the teacher ({TEACHER_STEPS} steps, slow)",
                                                   elem_id="compare-teacher")
-    if caps.oms:
-        controls["oms"] = gr.Checkbox(label="OMS", value=True)
-        controls["oms_prompt"] = gr.Textbox(label="OMS prompt", max_length=MAX_PROMPT_CHARS)
-    if caps.control:
-        controls["control_image"] = gr.Image(label="control image (PNG/JPEG)", type="pil",
-                                             sources=["upload", "clipboard"])
+    for name, kind in caps.extra_inputs.items():
+        label = name.replace("_", " ")
+        if kind == "image":
+            controls[name] = gr.Image(label=f"{label} (PNG/JPEG)", type="pil", sources=["upload", "clipboard"])
+        elif kind == "text":
+            controls[name] = gr.Textbox(label=label, max_length=MAX_PROMPT_CHARS)
+        else:
+            controls[name] = gr.Number(label=label)
     return controls
 
 

@@ -314,7 +314,7 @@ def _run_quickstart(args):
 def _add_sample(sub):
     p = sub.add_parser("sample", help="generate from an exported pipeline", formatter_class=_formatter,
                        description=textwrap.dedent("""\
-        Generate with an exported OneStepPipeline folder:
+        Generate with an exported pipeline folder (any registered onestep pipeline class):
           onestep sample runs/quickstart/pipeline -n 64 --out grid.png         one grid PNG (up to 4096 samples)
           onestep sample runs/quickstart/pipeline -n 10000 --out samples/       numbered PNGs 000000.png, ...
         A folder is filled batch by batch; sample i depends only on --seed and i (at a given --batch-size), so
@@ -375,15 +375,15 @@ def _run_sample(args):
     from pathlib import Path
 
     import torch
+    from diffusers.utils.torch_utils import randn_tensor
 
-    from .pipelines import OneStepPipeline
-    from .pipelines.onestep import MAX_STEPS
+    from .pipelines import load_pipeline
     from .sampling import bulk
     from .training.visuals import save_samples
 
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be 1..{MAX_STEPS} network evaluations per sample, got {args.steps}; use 1 "
-                         "for the one-step generator")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be 1 or more network evaluations per sample, got {args.steps}; use 1 for the "
+                         "one-step generator")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be 0..2^63-1, got {args.seed}")
     grid = Path(args.out).suffix.lower() == ".png"
@@ -406,8 +406,18 @@ def _run_sample(args):
         raise ValueError("--teacher is the hallucination probe's denoiser: it needs --filter")
     if args.hal_filter is not None:
         hal_filter, total = parse_filter(args.hal_filter, args.num, args.oversample)
-    pipe = OneStepPipeline.from_pretrained(args.pipeline)
+    pipe = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    if not 1 <= args.steps <= pipe.max_inference_steps:
+        raise ValueError(f"--steps must be 1..{pipe.max_inference_steps} network evaluations per sample, got "
+                         f"{args.steps}; use 1 for the one-step generator")
+    if pipe.takes_prompt:
+        raise ValueError(f"{args.pipeline}: a text-conditional pipeline; `onestep sample` draws class-conditional and "
+                         "unconditional samples (call the pipeline with your prompts in Python)")
     if args.hal_filter is not None:
+        if not pipe.supports_hallucination_filter:
+            raise ValueError(f"--filter: {type(pipe).__name__} does not support the hallucination filter (it needs a "
+                             "one-step denoiser of the generator's samples)")
         return _sample_filtered(pipe, args, hal_filter, total)
     if not grid:
         result = bulk.sample_to_folder(pipe, args.out, args.num, seed=args.seed, steps=args.steps,
@@ -415,8 +425,9 @@ def _run_sample(args):
         print(f"{result.out}: samples 0..{result.total - 1} complete ({result.written} written now, "
               f"{result.skipped} already there) in {result.seconds:.1f} s")
         return 0
-    x = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-             output_type="raw").images
+    generator = torch.Generator().manual_seed(args.seed)  # as pipe(batch_size=n, generator=seed) draws
+    noise = randn_tensor((args.num, *pipe.noise_shape), generator=generator, dtype=torch.float32)
+    x = pipe.generate(noise, args.steps, generator=generator)
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
 
@@ -439,7 +450,7 @@ def _sample_filtered(pipe, args, hal_filter, total: int):
     from .training.visuals import save_samples
 
     out = pipe(batch_size=total, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-               output_type="raw", hallucination_filter=hal_filter, hallucination_denoiser=args.teacher)
+               output_type="latent", hallucination_filter=hal_filter, hallucination_denoiser=args.teacher)
     grid = Path(args.out)
     report = grid.with_suffix(".scores.json")
     kept, scores = out.kept.tolist(), out.hallucination_scores.tolist()
@@ -452,7 +463,7 @@ def _sample_filtered(pipe, args, hal_filter, total: int):
     if not kept:
         raise ValueError(f"--filter {args.hal_filter}: no sample passed (scores {min(scores):.3g}..{max(scores):.3g}, "
                          f"all in {report}); raise the threshold")
-    save_samples(out.images, grid)
+    save_samples(pipe.decode_latents(out.images), grid)
     print(f"wrote {grid} ({len(kept)} of {total} samples kept by --filter {args.hal_filter}, probe: "
           f"{out.hallucination_probe['denoiser']}) and {report}")
 

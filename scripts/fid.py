@@ -4,7 +4,8 @@
     python scripts/fid.py PIPELINE cifar10-train --inception-weights weights-inception-2015-12-05-6726825d.pth
     accelerate launch scripts/fid.py PIPELINE cifar10-train
 
-`python scripts/fid.py --help` lists the inputs, options and protocol (onestep/eval/fid_cli.py holds the logic).
+`python scripts/fid.py --help` lists the inputs, options and protocol (onestep/eval/fid_cli.py and its fid_inputs,
+fid_extractors, fid_generation and fid_statistics modules hold the logic).
 """
 import sys
 

@@ -110,7 +110,7 @@ def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tiny_
 
     # 3. resume to the end (in-process, through the CLI), and an uninterrupted reference run
     assert main(["train", str(recipe), "--resume", "latest"]) == 0
-    ref_recipe = _write_recipe(tmp_path / "ref.yaml", method, tiny_teacher_dir, ref)
+    ref_recipe = _write_recipe(tmp_path / "ref.yaml", method, teachers, ref)
     assert main(["train", str(ref_recipe)]) == 0
 
     final, expected = _tensors(checkpoints / f"step_{STEPS:07d}"), _tensors(ref / "checkpoints" / f"step_{STEPS:07d}")

@@ -52,7 +52,7 @@ def _call(client, class_label="all", seed=0, num_images=4, steps=1, hal_filter=F
 
 def test_api_names_exactly_the_controls_this_pipeline_has(served):
     client, demo = served
-    assert demo.caps.num_classes == 10 and demo.caps.teacher and not (demo.caps.oms or demo.caps.control)
+    assert demo.caps.num_classes == 10 and demo.caps.teacher and not demo.caps.extra_inputs
     params = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)
               ["named_endpoints"]["/generate"]["parameters"]]
     assert params == ["class_label", "seed", "num_images", "steps", "hal_filter", "compare_teacher"]
@@ -111,10 +111,12 @@ def test_invalid_inputs_get_a_readable_message(served, kwargs, message):
 
 
 def test_request_validation_messages():
-    caps = demo_app.Capabilities(num_classes=10, max_steps=4, prompt=True, oms=False, control=True, teacher=False)
+    caps = demo_app.Capabilities(num_classes=10, max_steps=4, prompt=True, teacher=False,
+                                 extra_inputs={"control_image": "image"})
     ok = {"prompt": " a cat ", "control_image": Image.new("RGB", (64, 48))}
     req = demo_app.Request.parse({"seed": 3.0, "num_images": 2, "steps": 4, "class_label": "9", **ok}, caps)
-    assert (req.seed, req.class_label, req.prompt) == (3, "9", "a cat")
+    assert (req.seed, req.class_label, req.prompt) == (3, "9", "a cat") and req.extras == {"control_image": ok[
+        "control_image"]}
     assert req.labels(2, 10).tolist() == [9, 9]
     for values, message in [
         ({"num_images": 100}, "number of images must be a whole number in 1..16, got 100"),

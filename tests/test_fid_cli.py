@@ -128,10 +128,10 @@ def test_generated_features_identical_for_any_process_split(tiny_run):
 
     from onestep.data import load_dataset
     from onestep.eval.features import register_feature_extractors
-    from onestep.pipelines import OneStepPipeline
+    from onestep.pipelines import load_pipeline
 
     register_feature_extractors()
-    pipe = OneStepPipeline.from_pretrained(tiny_run["pipeline"])
+    pipe = load_pipeline(tiny_run["pipeline"])
     fe = create_feature_extractor("onestep-digits", ["features"], cuda=False, verbose=False)
     data = load_dataset("digits", 8)
 

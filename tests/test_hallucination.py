@@ -354,7 +354,7 @@ def _direct_scores(pipe, x, denoiser, seed, n):
     from diffusers.utils.torch_utils import randn_tensor
 
     generator = torch.Generator().manual_seed(seed)
-    randn_tensor((n, *pipe.one_step_generator.sample_shape), generator=generator, dtype=torch.float32)
+    randn_tensor((n, *pipe.noise_shape), generator=generator, dtype=torch.float32)
     labels = torch.arange(n) % 10
     with torch.no_grad():
         return probe_scores(x, lambda xs, s: denoiser(xs, s, class_labels=labels),

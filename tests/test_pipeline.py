@@ -1,8 +1,6 @@
-"""OneStepPipeline: generator == teacher at initialisation, save/load identical images (also through plain
-diffusers in a fresh process), few-step sampling."""
-import subprocess
-import sys
-
+"""OneStepPipeline: generator == teacher at initialisation, save/load identical images, few-step sampling. (Plain
+diffusers loading: tests/test_standalone_pipeline.py; diffusers conventions for every class:
+tests/test_pipeline_common.py.)"""
 import pytest
 import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
@@ -54,25 +52,6 @@ def test_save_load_gives_identical_images(tmp_path):
     loaded = OneStepPipeline.from_pretrained(tmp_path)
     assert torch.equal(loaded(generator=torch.Generator().manual_seed(7), **kwargs).images, before)
     assert loaded.card["teacher"] == "tiny" and loaded.config.sigma_init == pipe.config.sigma_init
-
-
-def test_plain_diffusers_loads_it_in_a_fresh_process(tmp_path, one_thread):  # as the OMP_NUM_THREADS=1 child
-    pipe = _pipeline()
-    pipe.save_pretrained(tmp_path)
-    expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
-    torch.save(expected, tmp_path / "expected.pt")
-    code = f"""
-import torch, diffusers
-pipe = diffusers.DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-assert type(pipe).__name__ == "OneStepPipeline", type(pipe)
-got = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
-assert torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))
-print("ok", pipe.card["teacher"])
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "ok tiny" in run.stdout
 
 
 def test_few_step_sampling_and_validation(tmp_path):

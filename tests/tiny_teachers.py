@@ -1,5 +1,6 @@
 """Tiny teachers of the same classes as the real ones (random weights, built from config, nothing downloaded):
-what diffusers' own tests do. Each builder writes a diffusers pipeline folder and returns its path."""
+what diffusers' own tests do. Each teacher builder writes a diffusers pipeline folder and returns its path; the
+export builders (latent_export, text_export) return a onestep OneStepPipeline, saved where asked."""
 import string
 from pathlib import Path
 
@@ -85,6 +86,41 @@ def stable_diffusion_3(path: Path) -> str:
                              text_encoder_2=_clip(True, seed=2), tokenizer_2=char_tokenizer(),
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
     return str(path)
+
+
+def latent_export(path: Path | None = None):
+    """An unconditional latent onestep export: a 4-channel UNet2DModel on 8x8 latents + a tiny AutoencoderKL (16x16
+    images); saved to `path` if given, returned as a OneStepPipeline."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from onestep.pipelines import OneStepPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = OneStepPipeline(scheduler=scheduler, unet=unet, vae=_vae())
+    pipe.card = {"teacher": "tiny-latent"}
+    if path is not None:
+        pipe.save_pretrained(path)
+    return pipe
+
+
+def text_export(tmp: Path, path: Path | None = None):
+    """A text-to-image onestep export of the tiny SD-class teacher (UNet2DConditionModel + VAE + CLIP text encoder,
+    prompts encoded through StableDiffusionPipeline.encode_prompt); the teacher is written under `tmp`."""
+    from diffusers import StableDiffusionPipeline
+
+    from onestep.pipelines import OneStepPipeline
+
+    sd = StableDiffusionPipeline.from_pretrained(stable_diffusion(tmp / "sd_teacher"))
+    pipe = OneStepPipeline(scheduler=sd.scheduler, unet=sd.unet, vae=sd.vae, text_encoder=sd.text_encoder,
+                           tokenizer=sd.tokenizer, prompt_pipeline="StableDiffusionPipeline")
+    pipe.card = {"teacher": "tiny-sd"}
+    if path is not None:
+        pipe.save_pretrained(path)
+    return pipe
 
 
 def prompts_file(path: Path) -> str:

@@ -5,8 +5,9 @@ An input is, in this order of precedence:
 
 1. ``onestep:<dataset>``: an embedded onestep dataset (``digits``, ``shapes``, ``folder:<path>``; see
    ``onestep.data.load_dataset``), all rows, at ``--resolution`` (default: the pipeline's output size);
-2. an existing folder with ``model_index.json``: an exported OneStepPipeline, sampled on the fly (batched, split over
-   all Accelerate processes, features gathered in index order);
+2. an existing folder with ``model_index.json``: an exported pipeline (any registered class, through
+   ``onestep.pipelines.load_pipeline``), sampled on the fly (batched, split over all Accelerate processes, features
+   gathered in index order);
 3. any other existing folder: the ``.png/.jpg/.jpeg`` images directly in it (torch-fidelity's folder reader);
 4. a torch-fidelity registered dataset name (``cifar10-train``, ``stl10-test``, ...).
 
@@ -25,48 +26,38 @@ the inputs (``--sampling``):
   ``torch.Generator(seed)``, batches of 250, each batch's noise then class labels of random rows of the embedded
   dataset. With ``--seed`` = recipe seed + 1 and ``--num-samples`` = eval.num_samples this reproduces the ``fid``
   of a run's metrics (and the quickstart's ``student_fid``).
+
+By concern: ``fid_inputs`` (what an input names, loading it, reference datasets and their cache names),
+``fid_extractors`` (torch-fidelity / onestep feature extractors and their weights), ``fid_generation`` (a
+pipeline's features, split over processes), ``fid_statistics`` (cached reference statistics); this module holds the
+options, the measurement, its protocol and the command line.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
 import os
-import re
-import socket
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
+from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fid_extractors import INCEPTION, _file_fingerprint, _layers, inception_cache_path, resolve_extractor
+from .fid_generation import INDEX_BATCH, SAMPLINGS, TRAINER_EVAL_BATCH, generated_features
+from .fid_inputs import Source, _load_onestep_data, _load_pipeline, _pipeline_image_size, resolve_input
+from .fid_statistics import _blas_one_thread, _reference_inputs
+
 STANDARD_NUM_SAMPLES = 50_000
-TRAINER_EVAL_BATCH = 250            # onestep.training.trainer.generate's batch_size (its noise / label stream)
-INDEX_BATCH = 64                    # onestep sample's default --batch-size (same samples, same PNGs)
 KID_SUBSET_SIZE = 1000              # torch-fidelity's default, lowered to the smaller side when needed
-INCEPTION = "inception-v3-compat"
-ONESTEP_PREFIX = "onestep:"
-DOWNLOAD_TIMEOUT_S = 30
-SAMPLINGS = ("index", "trainer")
+
+__all__ = ["FidOptions", "compute_fid", "format_result", "generated_features", "options_from_args", "protocol_text",
+           "resolve_input", "run_from_args"]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onestep" / "fid"
-
-
-def inception_file_name() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    return URL_INCEPTION_V3.rsplit("/", 1)[-1]
-
-
-def inception_cache_path() -> Path:
-    """Where torch-fidelity's ``load_state_dict_from_url`` looks first (torch hub's checkpoints folder)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / inception_file_name()
 
 
 @dataclass
@@ -90,360 +81,7 @@ class FidOptions:
     progress: bool = True
 
 
-# --- inputs -----------------------------------------------------------------------------------------------------
-@dataclass
-class Source:
-    spec: str
-    kind: str                            # pipeline | folder | registered | onestep
-    path: Path | None = None
-    pipe: Any = None                     # OneStepPipeline
-    data: Any = None                     # onestep TensorData
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def generated(self) -> bool:
-        return self.kind == "pipeline"
-
-
-def resolve_input(spec: str, which: str) -> Source:
-    """One input string -> a Source (see the module docstring for the precedence); cheap, loads nothing big."""
-    from torch_fidelity.registry import DATASETS_REGISTRY
-
-    if spec.startswith(ONESTEP_PREFIX):
-        name = spec[len(ONESTEP_PREFIX):]
-        if not name:
-            raise ValueError(f"{which} {spec!r}: name the dataset, e.g. onestep:digits")
-        return Source(spec, "onestep")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return Source(spec, "pipeline", path=path)
-        files = _image_files(path)
-        if not files:
-            raise ValueError(f"{which} {spec}: a folder with no model_index.json (not a pipeline) and no .png/.jpg/"
-                             ".jpeg images directly in it (subfolders are not searched)")
-        return Source(spec, "folder", path=path, files=files)
-    if spec in DATASETS_REGISTRY:
-        return Source(spec, "registered")
-    if path.exists():
-        raise ValueError(f"{which} {spec}: a file; give a pipeline folder, an image folder, a torch-fidelity dataset "
-                         "name or onestep:<dataset>")
-    registered = ", ".join(sorted(DATASETS_REGISTRY))
-    raise ValueError(f"{which} {spec!r}: no such folder, and not a torch-fidelity dataset ({registered}) or "
-                     "onestep:<dataset> (digits, shapes, folder:<path>)")
-
-
-def _image_files(folder: Path) -> list[str]:
-    """The files torch-fidelity's folder reader takes with its defaults (png/jpg/jpeg directly in the folder)."""
-    from torch_fidelity.defaults import DEFAULTS
-    from torch_fidelity.utils import glob_samples_paths
-
-    return glob_samples_paths(str(folder), False, DEFAULTS["samples_find_ext"], None, verbose=False)
-
-
-def _load_pipeline(source: Source, device) -> None:
-    from ..pipelines import OneStepPipeline
-
-    pipe = OneStepPipeline.from_pretrained(str(source.path)).to(device)
-    if pipe.prompt_encoder is not None:
-        raise ValueError(f"{source.spec}: a text-conditional pipeline; onestep fid samples class-conditional and "
-                         "unconditional pipelines only (generate images with your prompts, then compare the folders)")
-    shape = tuple(pipe.one_step_generator.sample_shape)
-    if len(shape) != 3 or (pipe.vae is None and shape[0] not in (1, 3)):
-        raise ValueError(f"{source.spec}: generates samples of shape {shape}, not images; FID needs images")
-    source.pipe = pipe
-
-
-def _pipeline_image_size(source: Source) -> int | None:
-    if source.pipe is None or source.pipe.vae is not None:
-        return None
-    return int(source.pipe.one_step_generator.sample_shape[-1])
-
-
-def _load_onestep_data(source: Source, resolution: int | None) -> None:
-    from ..data import load_dataset
-
-    name = source.spec[len(ONESTEP_PREFIX):]
-    data = load_dataset(name, resolution)
-    if data.kind != "image" or data.x is None:
-        raise ValueError(f"{source.spec}: {data.kind} data, not images; FID needs an image dataset (digits, shapes, "
-                         "folder:<path>)")
-    source.data = data
-
-
-# --- extractors -------------------------------------------------------------------------------------------------
-def _file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-@dataclass
-class Extractor:
-    name: str
-    weights_kwarg: str | None            # feature_extractor_weights_path passed to torch-fidelity
-    weights_desc: str
-    fingerprint: str
-    instances: dict = field(default_factory=dict)
-
-    def get(self, layers: tuple[str, ...], cuda: bool):
-        """A torch-fidelity extractor for these layers (one per layer set: the reference cache is keyed by it)."""
-        key = tuple(sorted(set(layers)))
-        if key not in self.instances:
-            self.instances[key] = _create_extractor(self.name, list(key), self.weights_kwarg, cuda)
-        return self.instances[key]
-
-
-def _create_extractor(name: str, layers: list[str], weights: str | None, cuda: bool):
-    from torch_fidelity.utils import create_feature_extractor
-
-    if name != INCEPTION or weights is not None or inception_cache_path().is_file():
-        return create_feature_extractor(name, layers, cuda=cuda, verbose=False, feature_extractor_weights_path=weights)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown on success, dropped for the one-line error
-    try:
-        with redirect_stderr(said):
-            extractor = create_feature_extractor(name, layers, cuda=cuda, verbose=False,
-                                                 feature_extractor_weights_path=None)
-        sys.stderr.write(said.getvalue())
-        return extractor
-    except Exception as err:  # URLError, timeouts, HTTP errors, a truncated download: all say the same to the user
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
-        raise FileNotFoundError(
-            f"Inception-v3 weights are not in torch-fidelity's cache and the download failed ({reason}); fetch "
-            f"{URL_INCEPTION_V3} elsewhere and place it at {inception_cache_path()}, or pass --inception-weights PATH "
-            "(a trusted file only: torch-fidelity unpickles it with torch.load(weights_only=False))") from None
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def resolve_extractor(name: str, inception_weights: str | None) -> Extractor:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    from .features import _EXTRACTORS, default_weights_path, register_feature_extractors
-
-    register_feature_extractors()
-    if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"--extractor {name!r}: not registered with torch-fidelity; valid: "
-                         f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
-    if inception_weights is not None:
-        if name != INCEPTION:
-            raise ValueError(f"--inception-weights applies to --extractor {INCEPTION}, not {name}")
-        path = Path(inception_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--inception-weights {path}: no such file (expected torch-fidelity's "
-                                    f"{inception_file_name()})")
-        return Extractor(name, str(path), str(path), _file_fingerprint(path))
-    if name in _EXTRACTORS:  # ours: weights ship in assets/fid
-        path = default_weights_path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {name} weights not found (scripts/train_feature_extractor.py)")
-        return Extractor(name, None, str(path), _file_fingerprint(path))
-    if name == INCEPTION:
-        cached = inception_cache_path()
-        # not there yet: compute_fid fingerprints it after torch-fidelity's download
-        return Extractor(name, None, str(cached), _file_fingerprint(cached) if cached.is_file() else "")
-    return Extractor(name, None, "torch-fidelity default (downloaded on first use)", "default")
-
-
-# --- generation -------------------------------------------------------------------------------------------------
-def _uint8_index(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [B, 3, H, W] through `onestep sample`'s own conversion, so features equal the PNGs'."""
-    from ..sampling.bulk import to_uint8
-
-    x = torch.from_numpy(to_uint8(x.float().cpu())).permute(0, 3, 1, 2)
-    return x.expand(-1, 3, -1, -1).contiguous()
-
-
-class _TrainerStream:
-    """The inputs of `onestep.training.trainer.generate`, batch after batch: noise, then random data rows."""
-
-    def __init__(self, seed: int, sample_shape, num_rows: int, n: int, batch_size: int):
-        self.g = torch.Generator().manual_seed(seed)
-        self.shape, self.num_rows, self.n, self.batch_size = tuple(sample_shape), num_rows, n, batch_size
-        self.next_batch = 0
-
-    def draw(self, batch: int):
-        """Inputs of batch `batch` (batches must be asked for in increasing order; skipped ones are drawn too)."""
-        if batch < self.next_batch:
-            raise RuntimeError(f"batch {batch} was drawn already (next is {self.next_batch})")
-        while True:
-            b = min(self.batch_size, self.n - self.next_batch * self.batch_size)
-            noise = torch.randn((b, *self.shape), generator=self.g)
-            rows = torch.randint(self.num_rows, (b,), generator=self.g)
-            self.next_batch += 1
-            if self.next_batch - 1 == batch:
-                return noise, rows
-
-
-@torch.no_grad()
-def generated_features(pipe, feat_extractor, n: int, seed: int, steps: int = 1, sampling: str = "index",
-                       batch_size: int = INDEX_BATCH, data=None, accelerator=None, progress: bool = False,
-                       desc: str = "generate") -> dict[str, torch.Tensor]:
-    """Features of `n` samples of `pipe` (a OneStepPipeline), generated on all processes and gathered in index order.
-
-    Batch b holds samples [b * batch_size, ...) and goes to process b mod num_processes; every batch's inputs depend
-    only on (seed, b), so the result is the same for any number of processes. Returns {layer: [n, D]} (CPU) on
-    every process.
-    """
-    from tqdm.auto import tqdm
-
-    from ..latents import LatentSpace
-    from ..sampling import bulk
-    from .fid import to_uint8_rgb
-
-    procs = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
-    device = accelerator.device if accelerator else pipe.device
-    generator = pipe.one_step_generator
-    num_classes = generator.denoiser.num_classes
-    latents = LatentSpace(pipe.vae) if pipe.vae is not None else None
-    to_pixels = (lambda x: latents.decode(x.to(device))) if latents else (lambda x: x)
-    num_batches = math.ceil(n / batch_size)
-    valid = [min(batch_size, n - b * batch_size) for b in range(num_batches)]
-    stream = None
-    if sampling == "trainer":
-        if steps != 1:
-            raise ValueError("--sampling trainer reproduces the training evaluation, which is one step; use --steps 1 "
-                             "or --sampling index")
-        if data is None:
-            raise ValueError("--sampling trainer draws class labels from the rows of an embedded dataset: give "
-                             "onestep:<dataset> as the other input, or use --sampling index")
-        if num_classes and data.labels is None:
-            raise ValueError(f"the pipeline is class-conditional but dataset {data.name!r} has no labels")
-        stream = _TrainerStream(seed, generator.sample_shape, len(data), n, batch_size)
-    elif sampling != "index":
-        raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
-
-    def extract(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = feat_extractor(images.to(device))
-        return feat_extractor.convert_features_tuple_to_dict(out)
-
-    dims: dict[str, int] | None = None
-    chunks: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=n, unit="img", desc=desc, dynamic_ncols=True,
-               disable=not progress or (accelerator is not None and not accelerator.is_main_process))
-    for round_start in range(0, num_batches, procs):
-        mine = round_start + rank
-        inputs = None
-        if stream is not None:  # every process draws every batch of the round, in order, and keeps its own
-            for b in range(round_start, min(round_start + procs, num_batches)):
-                drawn = stream.draw(b)
-                inputs = drawn if b == mine else inputs
-        if mine < num_batches:
-            start = mine * batch_size
-            if stream is None:  # the full batch, like `onestep sample` (a short last batch is padded)
-                x = bulk.generate_batch(generator, range(start, start + batch_size), seed, steps, device)[:valid[mine]]
-                images = _uint8_index(to_pixels(x))
-            else:
-                noise, rows = inputs
-                cond = {"class_labels": data.labels[rows].to(device)} if num_classes else {}
-                images = to_uint8_rgb(to_pixels(generator(noise.to(device), **cond)).float().cpu())
-            feats = extract(images)
-            dims = {k: v.shape[1] for k, v in feats.items()}
-            feats = {k: torch.cat([v, v.new_zeros(batch_size - len(v), v.shape[1])]) for k, v in feats.items()}
-        else:  # no batch left for this process in the last round: zeros, dropped after the gather
-            if dims is None:  # the extractors resize internally, so any image gives the feature sizes
-                dims = {k: v.shape[1] for k, v in extract(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).items()}
-            feats = {k: torch.zeros(batch_size, d, device=device) for k, d in dims.items()}
-        keep = torch.zeros(procs, batch_size, dtype=torch.bool)
-        for p in range(procs):
-            if round_start + p < num_batches:
-                keep[p, :valid[round_start + p]] = True
-        for k, v in feats.items():
-            gathered = accelerator.gather(v.contiguous()) if accelerator and procs > 1 else v
-            chunks.setdefault(k, []).append(gathered.cpu()[keep.flatten()])
-        bar.update(int(keep.sum()))
-    bar.close()
-    return {k: torch.cat(v) for k, v in chunks.items()}
-
-
-# --- reference inputs (cached) ----------------------------------------------------------------------------------
-class _LazyDataset(torch.utils.data.Dataset):
-    """Builds the real dataset only when torch-fidelity needs its items (not when its statistics are cached)."""
-
-    def __init__(self, build: Callable[[], torch.utils.data.Dataset]):
-        self._build, self._ds = build, None
-
-    @property
-    def ds(self):
-        if self._ds is None:
-            self._ds = self._build()
-        return self._ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
-
-
-def _reference_dataset(source: Source, datasets_root: str | None, progress: bool) -> tuple[Any, str, int | None]:
-    """(lazy Dataset of uint8 [3, H, W] images, cache name, number of images if known without building it)."""
-    from torch_fidelity.registry import DATASETS_REGISTRY
-
-    from .fid import _Uint8Images
-
-    if source.kind == "onestep":
-        images = _Uint8Images(source.data.x)
-        digest = hashlib.sha256(images.images.numpy().tobytes()).hexdigest()[:12]
-        h, w = images.images.shape[-2:]
-        name = f"onestep-{_safe(source.spec[len(ONESTEP_PREFIX):])}-{h}x{w}-n{len(images)}-{digest}"
-        return images, name, len(images)
-    if source.kind == "folder":
-        digest = hashlib.sha256()
-        for f in source.files:
-            st = os.stat(f)
-            digest.update(f"{os.path.basename(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        name = f"folder-{_safe(source.path.resolve().name)}-n{len(source.files)}-{digest.hexdigest()[:12]}"
-        from ..data.images import ImageFolderDataset  # the one image reader: sizes, bombs, 16-bit, errors name files
-
-        return _LazyDataset(lambda: ImageFolderDataset(source.files)), name, len(source.files)
-    root = datasets_root or os.path.join(torch.hub._get_torch_home(), "fidelity_datasets")  # torch-fidelity's default
-
-    def build():
-        os.makedirs(root, exist_ok=True)
-        try:
-            return DATASETS_REGISTRY[source.spec](root, True)
-        except Exception as err:
-            reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
-            raise FileNotFoundError(f"{source.spec}: torch-fidelity could not load it from {root} ({reason}); "
-                                    "without network, place the torchvision dataset files there (--datasets-root) "
-                                    "or compare against an image folder") from None
-
-    return _LazyDataset(build), _safe(source.spec), None
-
-
 # --- the whole measurement --------------------------------------------------------------------------------------
-def _layers(extractor_name: str, metrics: list[str]) -> dict[str, str]:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    if extractor_name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"--extractor {extractor_name!r}: not registered with torch-fidelity; valid: "
-                         f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
-    cls = FEATURE_EXTRACTORS_REGISTRY[extractor_name]
-    return {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
-
-
-def _blas_one_thread():
-    """torch-fidelity's np.linalg.eigvals on a 2048x2048 product: ~4 s with one BLAS thread, ~60 s with two spinning
-    threads on a contended 2-core machine (measured)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def compute_fid(options: FidOptions, accelerator=None) -> dict | None:
     """Measure; returns the result dict on the main process and None on the others."""
     import torch_fidelity
@@ -463,6 +101,9 @@ def compute_fid(options: FidOptions, accelerator=None) -> dict | None:
     for s in sources:
         if s.kind == "pipeline":
             _load_pipeline(s, acc.device)
+            if o.steps > s.pipe.max_inference_steps:
+                raise ValueError(f"--steps must be 1..{s.pipe.max_inference_steps} network evaluations per sample "
+                                 f"for {s.spec}, got {o.steps}")
     embedded = [s for s in sources if s.kind == "onestep"]
     resolution = o.resolution or next((r for r in map(_pipeline_image_size, sources) if r), None)
     for s in embedded:
@@ -549,56 +190,15 @@ def compute_fid(options: FidOptions, accelerator=None) -> dict | None:
     return result
 
 
-def _reference_inputs(sources, o, extractor, layers, first_layers, binary_layers, cuda, tf_kwargs, cache_root,
-                      feats, stats, counts) -> None:
-    """Features (when KID/PRC/IS need them) and FID statistics of the inputs that are not generated, through
-    torch-fidelity's cached functions (keyed by our cache name); fills feats/stats/counts in place."""
-    from torch_fidelity.metric_fid import (
-        fid_featuresdict_to_statistics_cached,
-        fid_input_id_to_statistics_cached,
-    )
-    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
-
-    for i, s in enumerate(sources):
-        if s.generated:
-            continue
-        fe = extractor.get(first_layers if i == 0 else binary_layers, cuda)
-        dataset, name, counts[i] = _reference_dataset(s, o.datasets_root, o.progress)
-        cache_name = f"{name}-w{extractor.fingerprint or 'default'}"
-        kw = {**tf_kwargs, "input1": dataset, "input1_cache_name": cache_name, "verbose": o.progress}
-        if o.kid or o.prc or (i == 0 and o.isc):
-            feats[i] = extract_featuresdict_from_input_id_cached(1, fe, **kw)
-            stats[i] = fid_featuresdict_to_statistics_cached(feats[i], cache_name, fe, layers["fid"], **kw)
-        else:  # FID only: cached statistics suffice (the dataset is not even built)
-            stats[i] = fid_input_id_to_statistics_cached(1, fe, layers["fid"], **kw)
-        counts[i] = counts[i] or _cached_count(Path(cache_root), cache_name, dataset, feats[i], o.cache)
-
-
-def _cached_count(cache_root: Path, cache_name: str, dataset, feats: dict | None, cache: bool) -> int:
-    """Number of reference images; remembered beside torch-fidelity's cache so cached statistics need no dataset."""
-    if feats is not None:
-        n = len(next(iter(feats.values())))
-    else:
-        meta = cache_root / f"{cache_name}-onestep.json"
-        if cache and meta.is_file():
-            return int(json.loads(meta.read_text())["num_samples"])
-        n = len(dataset)
-    if cache:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        (cache_root / f"{cache_name}-onestep.json").write_text(json.dumps({"num_samples": n}) + "\n")
-    return n
-
-
 def _validate(o: FidOptions) -> None:
     if o.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2 (a covariance needs two samples), got {o.num_samples}")
     if not 0 <= o.seed < 2**63:
         raise ValueError(f"--seed must be 0..2^63-1, got {o.seed}")
-    from ..pipelines.onestep import MAX_STEPS
     from ..sampling.bulk import MAX_BATCH
 
-    if not 1 <= o.steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be 1..{MAX_STEPS} network evaluations per sample, got {o.steps}")
+    if o.steps < 1:
+        raise ValueError(f"--steps must be 1 or more network evaluations per sample, got {o.steps}")
     if o.batch_size is not None and not 1 <= o.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size must be 1..{MAX_BATCH}, got {o.batch_size}")
     if o.sampling is not None and o.sampling not in SAMPLINGS:

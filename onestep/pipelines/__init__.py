@@ -1,3 +1,14 @@
-from .onestep import FilteredImagePipelineOutput, OneStepPipeline
+"""onestep's pipelines: one inference protocol (`GeneratorPipeline`), one registry (`load_pipeline`).
 
-__all__ = ["FilteredImagePipelineOutput", "OneStepPipeline"]
+    base.py                 GeneratorPipeline: the protocol every artifact implements, safe loading
+    registry.py             register_pipeline / available_pipelines / load_pipeline (dispatch on model_index.json)
+    standalone_pipeline.py  the dependency-free OneStepPipeline (written as pipeline.py beside exports) and the
+                            protocol's diffusers __call__ (GeneratorCallMixin)
+    onestep.py              the registered OneStepPipeline: standalone generation + export, model card, filter
+"""
+from .base import GeneratorPipeline
+from .onestep import FilteredImagePipelineOutput, OneStepPipeline
+from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
+
+__all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "available_pipelines",
+           "load_pipeline", "register_pipeline", "unregister_pipeline"]

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .samplers import few_step_sigmas
 
 MANIFEST = "onestep_samples.json"
 LOCK = ".onestep_sample.lock"
@@ -169,20 +169,13 @@ def prepare_folder(out: Path, settings: dict) -> None:
 
 
 @torch.no_grad()
-def generate_batch(generator, indices: range, seed: int, steps: int, device) -> torch.Tensor:
-    """Samples `indices` of the job (images in [-1, 1]); sample i uses noise from its own (seed, i) generator and
-    class label i mod num_classes. Mirrors `sample_few_step` (re-noising with the per-sample noise)."""
-    shape = tuple(generator.sample_shape)
-    noise = torch.stack([torch.randn((steps, *shape), generator=torch.Generator().manual_seed(sample_seed(seed, i)))
-                         for i in indices]).to(device)
-    cond = {}
-    num_classes = generator.denoiser.num_classes
-    if num_classes:
-        cond["class_labels"] = torch.tensor([i % num_classes for i in indices], device=device)
-    x = generator(noise[:, 0], **cond)
-    for k, sigma in enumerate(few_step_sigmas(generator.sigma_init, steps)[1:], start=1):
-        x = generator.denoiser(x + sigma * noise[:, k].to(x.dtype), sigma, **cond)
-    return x.float().cpu()
+def generate_batch(pipe, indices: range, seed: int, steps: int) -> torch.Tensor:
+    """Samples `indices` of the job (images in [-1, 1], on the CPU) from any `GeneratorPipeline`: sample i draws its
+    noise, then its re-noising noise, from its own (seed, i) generator, and gets class label i mod num_classes."""
+    generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+    noise = randn_tensor((len(indices), *pipe.noise_shape), generator=generators, dtype=torch.float32)
+    labels = torch.tensor([i % pipe.num_classes for i in indices]) if pipe.num_classes else None
+    return pipe.generate(noise, steps, class_labels=labels, generator=generators).float().cpu()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -211,19 +204,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def sample_to_folder(pipe, out_dir, num: int, seed: int = 0, steps: int = 1, batch_size: int = 64,
                      source: str | None = None, progress: bool = True) -> BulkResult:
-    """Write samples 0..num-1 of `pipe` (a OneStepPipeline) as out_dir/000000.png, ...; indices already on disk
-    (from an interrupted run of the same job) are skipped. `source`: the pipeline folder (for the manifest)."""
+    """Write samples 0..num-1 of `pipe` (any registered GeneratorPipeline) as out_dir/000000.png, ...; indices
+    already on disk (from an interrupted run of the same job) are skipped. `source`: the pipeline folder (for the manifest)."""
     from tqdm.auto import tqdm
 
     if not 1 <= num <= MAX_SAMPLES:
         raise ValueError(f"--num must be 1..{MAX_SAMPLES} for a folder of PNGs, got {num}")
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size must be 1..{MAX_BATCH}, got {batch_size}")
-    generator = pipe.one_step_generator
-    shape = tuple(generator.sample_shape)
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(f"this pipeline generates samples of shape {shape}, not 1- or 3-channel images; write one "
-                         "plot instead: --out samples.png")
+    if pipe.takes_prompt:
+        raise ValueError("this pipeline is text-conditional; `onestep sample` writes class-conditional and "
+                         "unconditional samples only (call the pipeline with your prompts)")
+    if len(pipe.noise_shape) != 3:
+        raise ValueError(f"this pipeline generates samples of shape {tuple(pipe.noise_shape)}, not 1- or 3-channel "
+                         "images; write one plot instead: --out samples.png")
     out = Path(out_dir)
     source = str(source or pipe.config.get("_name_or_path", ""))
     settings = {"format": "png-folder", "pipeline": pipeline_fingerprint(source), "seed": seed, "steps": steps,
@@ -240,7 +234,10 @@ def sample_to_folder(pipe, out_dir, num: int, seed: int = 0, steps: int = 1, bat
                 continue
             # always the full batch (a short last one is padded), so a job extended with a larger -n gives the same
             # files
-            pixels = to_uint8(generate_batch(generator, range(start, start + batch_size), seed, steps, pipe.device))
+            pixels = to_uint8(generate_batch(pipe, range(start, start + batch_size), seed, steps))
+            if pixels.shape[-1] not in (1, 3):
+                raise ValueError(f"this pipeline generates {pixels.shape[-1]}-channel samples, not 1- or 3-channel "
+                                 "images; write one plot instead: --out samples.png")
             for i in todo:
                 write_png(out / file_name(i), pixels[i - start])
             written += len(todo)

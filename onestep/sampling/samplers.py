@@ -1,4 +1,5 @@
-"""Samplers as pure functions of (denoiser, noise, sigmas), in the style of k-diffusion.
+"""Teacher samplers as pure functions of (denoiser, noise, sigmas), in the style of k-diffusion. (A one-step
+generator's few-step sampling is `OneStepPipeline.generate`, onestep/pipelines/standalone_pipeline.py.)
 
 All work in the VE form of `onestep.denoisers`: x_sigma = x0 + sigma * eps. For a VP teacher, Euler on
 integer-timestep sigmas is exactly deterministic DDIM (Song et al. 2021; Karras et al. 2022, sec. 3).
@@ -7,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import Schedule, geometric_sigmas
-
-# Re-noising levels for few-step sampling of a one-step generator end here (as a fraction of sigma_init).
-FEW_STEP_SIGMA_END = 0.08
+from ..schedules import Schedule
 
 
 def teacher_sigmas(schedule: Schedule, num_steps: int, spacing: str = "uniform", rho: float = 7.0) -> torch.Tensor:
@@ -41,24 +39,4 @@ def sample_euler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, **cond) ->
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         x0 = denoiser(x, sigma, **cond)
         x = x0 + (sigma_next / sigma) * (x - x0)
-    return x
-
-
-def few_step_sigmas(sigma_init: float, num_steps: int) -> list[float]:
-    """Noise levels of a 1-4 step path: sigma_init, then geometric re-noising levels down to 8% of it."""
-    return geometric_sigmas(sigma_init, sigma_init * FEW_STEP_SIGMA_END, num_steps)
-
-
-def sample_few_step(generator, z: torch.Tensor, num_steps: int = 1, sigmas: list[float] | None = None,
-                    noise_generator: torch.Generator | None = None, **cond) -> torch.Tensor:
-    """Run a one-step generator for 1-4 steps: generate, re-noise to the next level, denoise with the same weights.
-
-    Step 1 is G(z); step k > 1 is D_theta(x + sigma_k eps, sigma_k) (the multistep sampling of consistency models,
-    Song et al. 2023, Alg. 1, with the generator's own denoiser).
-    """
-    sigmas = sigmas or few_step_sigmas(generator.sigma_init, num_steps)
-    x = generator(z, **cond)
-    for sigma in sigmas[1:]:
-        eps = torch.randn(x.shape, generator=noise_generator, device=x.device, dtype=x.dtype)
-        x = generator.denoiser(x + sigma * eps, sigma, **cond)
     return x

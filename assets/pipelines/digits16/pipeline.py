@@ -1,39 +1,51 @@
 """A onestep generator as a diffusers pipeline that needs only torch and diffusers (no onestep install).
 
-onestep copies this file verbatim as `pipeline.py` into every exported folder, next to model_index.json
-(whose `_class_name` is ["pipeline", "OneStepPipeline"]), so that either of
+This module is the one implementation of how a onestep export turns noise into images: onestep's own
+`onestep.pipelines.OneStepPipeline` subclasses `OneStepPipeline` below (adding safe loading, export and the
+hallucination filter), and every export whose components are diffusers/transformers classes gets this file,
+verbatim, as `pipeline.py` next to model_index.json (whose `_class_name` is then ["pipeline", "OneStepPipeline"]),
+so that users without onestep run the same code:
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
-    images = pipe(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images          # pixel / latent export
+    images = pipe("a red circle", num_images_per_prompt=2).images                            # text export
 
-gives the same images as onestep's own `onestep.pipelines.OneStepPipeline` (tests/test_standalone_pipeline.py
-checks equality for epsilon, v-prediction, flow-matching and EDM teachers). It re-implements onestep's maths in
-a few lines instead of importing it, so keep the two in step:
+The maths, in the variance-exploding view x_sigma = x0 + sigma * eps of any teacher schedule:
 
-    x_sigma = x0 + sigma * eps                         (the variance-exploding view of any teacher schedule)
-    G(z) = D(sigma_init * z, sigma_init)               (one network evaluation)
-    steps 2-4: x <- D(x + sigma_k * eps_k, sigma_k)    (sigma_k geometric from sigma_init down to 8% of it)
+    G(z) = D(sigma_init * z, sigma_init)               (one network evaluation; SiD, Zhou et al. 2024, sec. 4)
+    steps 2..N: x <- D(x + sigma_k * eps_k, sigma_k)   (consistency-model multistep sampling, Song et al. 2023,
+                                                        Alg. 1, with the generator's own weights)
 
 where D converts the network's output to an x0 estimate under the teacher's scheduler: discrete VP (DDPM-style
-betas; epsilon / v_prediction / sample), flow matching (FlowMatch*), or EDM preconditioning (EDM*).
+betas; epsilon / v_prediction / sample), flow matching (FlowMatch*), or EDM preconditioning (EDM*, Karras et al.
+2022, eq. 7). The re-noising levels sigma_k live in the pipeline config (model_index.json): `renoise_sigmas` (an
+explicit list: N steps use its first N - 1 levels) or the rule geometric from sigma_init down to
+`renoise_sigma_end` * sigma_init over N steps, optionally moved by SD3's time shift
+t' = shift t / (1 + (shift - 1) t), t = sigma / (1 + sigma) (`timestep_shift`; Esser et al. 2024, eq. 23).
+Latent exports decode with their VAE (diffusers' scaling/shift convention); text exports encode prompts with the
+teacher pipeline class named by `prompt_pipeline` (its own `encode_prompt`, so tokenisation is the teacher's).
 """
-from __future__ import annotations
-
+import inspect
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 CARD_FILE = "onestep_card.json"
-MAX_STEPS = 4
-FEW_STEP_SIGMA_END = 0.08  # the last re-noising level, as a fraction of sigma_init
+STANDALONE_FILE = "pipeline.py"
+PLAIN_LIBRARIES = ("diffusers", "transformers")   # component classes plain diffusers can import
+LATENT_OUTPUTS = ("latent", "raw")                 # "raw": onestep's older name for "latent"
+OUTPUT_TYPES = ("pil", "np", "pt", *LATENT_OUTPUTS)
+VAE_CHUNK = 64
 VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
 
 
+# --- schedules: network output -> x0 estimate, in the VE view ------------------------------------------------------
 class VPSchedule:
     """Discrete variance-preserving (DDPM-style) schedule: sigma = sqrt((1 - abar) / abar), fractional timesteps
     by linear interpolation in log-sigma, x_model = x_sigma / sqrt(1 + sigma^2)."""
@@ -131,79 +143,497 @@ def _per_sample(sigma: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-    """The network in its dtype; the timestep (EDM's c_noise) stays fp32, as bf16 would round 625 to 624."""
-    return model(x.to(model.dtype), timestep=timestep.float(), **cond, return_dict=False)[0].float()
+    """The network in its dtype (text embeddings too); the timestep (EDM's c_noise) stays fp32, as bf16 would round
+    625 to 624."""
+    dtype = model.dtype
+    cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+    return model(x.to(dtype), timestep=timestep.float(), **cond, return_dict=False)[0].float()
 
 
-class OneStepPipeline(DiffusionPipeline):
-    """Generate with a distilled one-step generator; 2-4 steps re-noise and denoise with the same weights.
-
-    scheduler: the teacher's scheduler (only its config is read); unet or transformer: the generator network;
-    sigma_init: the noise level the generator was distilled at (stored in model_index.json).
-    """
-
-    _optional_components = ["unet", "transformer"]
-
-    def __init__(self, scheduler, unet=None, transformer=None, sigma_init: float = 2.5):
-        super().__init__()
-        if (unet is None) == (transformer is None):
-            raise ValueError("OneStepPipeline needs exactly one generator network: unet or transformer")
-        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer)
-        self.register_to_config(sigma_init=float(sigma_init))
-
-    @property
-    def network(self):
-        return self.unet if self.unet is not None else self.transformer
-
-    @property
-    def card(self) -> dict:
-        """Teacher, method, NFE, FID + protocol, from the folder's onestep_card.json."""
-        card_file = Path(str(self.config.get("_name_or_path", ""))) / CARD_FILE
-        return json.loads(card_file.read_text()) if card_file.is_file() else {}
-
-    @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, generator=None,
-                 class_labels: torch.Tensor | list[int] | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, **cond):
-        """batch_size samples; class_labels default to 0, 1, 2, ... cycling; output_type "pil" | "np" | "pt" |
-        "raw" (the generator's output in [-1, 1], as is); latents: the noise z (default: drawn from generator)."""
-        if not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be 1..{MAX_STEPS}, got {num_inference_steps}")
-        model, schedule = self.network, schedule_for(self.scheduler)
-        z = latents if latents is not None else randn_tensor((batch_size, *_sample_shape(model)), generator=generator,
-                                                             device=self.device, dtype=torch.float32)
-        num_classes = model.config.get("num_class_embeds") or model.config.get("num_classes")
-        if num_classes:
-            if class_labels is None:
-                class_labels = torch.arange(batch_size) % num_classes
-            cond["class_labels"] = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
-        noise_generator = generator[0] if isinstance(generator, list) else generator
-        x = self.sample(model, schedule, z, num_inference_steps, noise_generator, cond)
-        if output_type == "raw" or x.dim() != 4:
-            return ImagePipelineOutput(images=x) if return_dict else (x,)
-        images = (x / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-    def sample(self, model, schedule, z, num_steps: int, noise_generator, cond: dict) -> torch.Tensor:
-        """G(z), then re-noise to each next level and denoise again (consistency-model multistep sampling)."""
-        sigma_init = schedule.round_sigma(self.config.sigma_init)
-        sigmas = [sigma_init]
-        if num_steps > 1:
-            ratio = math.log(sigma_init * FEW_STEP_SIGMA_END / sigma_init) / (num_steps - 1)
-            sigmas = [sigma_init * math.exp(ratio * i) for i in range(num_steps)]
-        x = schedule.denoise(model, sigma_init * z, _per_sample(sigma_init, z), cond)
-        for sigma in sigmas[1:]:
-            eps = torch.randn(x.shape, generator=noise_generator, device=x.device, dtype=x.dtype)
-            x = schedule.denoise(model, x + sigma * eps, _per_sample(sigma, x), cond)
-        return x
-
-def _sample_shape(model) -> tuple[int, ...]:
+def _sample_shape(model) -> tuple:
     config = model.config
     if "sample_size" in config and "in_channels" in config:
         size = config.sample_size
         return (config.in_channels, *((size, size) if isinstance(size, int) else size))
     return (config.dim,)
+
+
+def _finite(name: str, value, low: float, high: float = math.inf, low_open: bool = True) -> float:
+    """A config float: a finite number in (low, high] (or [low, high]); a one-line error naming the field."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in {low}..{high}, got {value!r}")
+    return value
+
+
+class _AnyNetwork(tuple):
+    """The type of a network slot as diffusers' from_pipe / from_pretrained checks see it: any torch module (a
+    onestep export may hold any diffusers model class in `unet`, `transformer` or `vae`)."""
+
+    def __contains__(self, klass) -> bool:
+        return isinstance(klass, type) and issubclass(klass, torch.nn.Module)
+
+
+# --- the inference protocol and diffusers' call conventions on top of it ----------------------------------------
+class GeneratorCallMixin:
+    """What every onestep pipeline class offers its users (the protocol of `onestep.pipelines.GeneratorPipeline`):
+
+        noise_shape                 per-sample shape of the input noise
+        num_classes                 class labels it takes (None: not class-conditional)
+        takes_prompt                whether it takes text
+        max_inference_steps         the most network evaluations per sample
+        default_inference_steps     the NFE it is meant to be used at (what the model card states)
+        extra_inputs                further generate() inputs: name -> "image" | "text" | "float"
+        card                        facts about the artifact (onestep_card.json)
+        generate(noise, num_inference_steps, class_labels, prompts, generator, callback=None, **extra)
+                                    -> images (or points) in [-1, 1], decoded to pixels; a pure function of its
+                                    inputs. `callback(step, sigma, latents) -> latents` runs after each evaluation.
+        generate_latents(...)       the same before the VAE (identical to generate for pixel generators), and
+        decode_latents(latents)     latents -> generate's images
+
+    and `__call__`, diffusers' conventions built on generate: output_type pil / np / pt / latent, return_dict,
+    num_images_per_prompt, a generator per sample (sample i then depends only on generator i, at any number of
+    steps), latents, callback_on_step_end, and a clear refusal of negative_prompt / guidance_scale where the class
+    does not take them.
+    """
+
+    _callback_tensor_inputs = ["latents"]
+
+    # -- protocol (subclasses override) ------------------------------------------------------------------------
+    @property
+    def noise_shape(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return None
+
+    @property
+    def takes_prompt(self) -> bool:
+        return False
+
+    @property
+    def max_inference_steps(self) -> int:
+        return 1
+
+    @property
+    def default_inference_steps(self) -> int:
+        return 1
+
+    @property
+    def extra_inputs(self) -> dict:
+        return {}
+
+    def generate(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None, **extra):
+        raise NotImplementedError
+
+    def generate_latents(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None,
+                         **extra):
+        return self.generate(noise, num_inference_steps, class_labels, prompts, generator, **extra)
+
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """generate_latents' output -> generate's (the VAE, where there is one)."""
+        return x
+
+    @property
+    def card(self) -> dict:
+        """Facts about the generator (teacher, method, NFE, FID + protocol), read from the saved folder."""
+        if getattr(self, "_card", None) is None:
+            card_file = Path(str(self.config.get("_name_or_path", ""))) / CARD_FILE
+            self._card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        return self._card
+
+    @card.setter
+    def card(self, value: dict):
+        self._card = dict(value)
+
+    @classmethod
+    def _get_signature_types(cls):
+        types = super()._get_signature_types()
+        for name in getattr(cls, "_network_slots", ()):
+            types[name] = _AnyNetwork((torch.nn.Module,))
+        return types
+
+    # -- diffusers' __call__ ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, batch_size: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 generator=None, class_labels=None, latents: Optional[torch.Tensor] = None,
+                 num_images_per_prompt: int = 1, negative_prompt=None, guidance_scale: Optional[float] = None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **extra):
+        """Generate images.
+
+        prompt: text generators: one prompt or a list (batch_size defaults to their number); batch_size: samples per
+        prompt list / class-label list (default: inferred from prompt, class_labels, latents or generator list,
+        else 1); num_images_per_prompt: each of those repeated; num_inference_steps: 1..max_inference_steps
+        (default: default_inference_steps); class_labels: one per sample (default 0, 1, 2, ... cycling);
+        generator: a torch.Generator, or one per sample; latents: the input noise, [n, *noise_shape];
+        output_type: "pil" | "np" | "pt" (images in [0, 1]) | "latent" (the generator's output before any VAE);
+        callback_on_step_end(pipe, step, sigma, {"latents": x}) -> dict after each network evaluation (its
+        "latents" replace x). Further keyword inputs: see `extra_inputs`.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        inputs = self.prepare_inputs(prompt, batch_size, num_inference_steps, generator, class_labels, latents,
+                                     num_images_per_prompt, negative_prompt, guidance_scale, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs, **extra)
+        user_callback = inputs.pop("callback")
+        with self.progress_bar(total=inputs["num_inference_steps"]) as bar:
+            def callback(step, sigma, x):
+                x = user_callback(step, sigma, x) if user_callback is not None else x
+                bar.update()
+                return x
+
+            run = self.generate_latents if output_type in LATENT_OUTPUTS else self.generate
+            x = run(**inputs, callback=callback)
+        self.maybe_free_model_hooks()
+        return self.format_output(x, output_type, return_dict)
+
+    def prepare_inputs(self, prompt=None, batch_size=None, num_inference_steps=None, generator=None,
+                       class_labels=None, latents=None, num_images_per_prompt=1, negative_prompt=None,
+                       guidance_scale=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                       **extra) -> dict:
+        """__call__'s arguments, checked, as generate()'s keyword arguments (plus `callback`)."""
+        name = type(self).__name__
+        for key, value, unset in (("negative_prompt", negative_prompt, _is_none),
+                                  ("guidance_scale", guidance_scale, _no_guidance)):
+            if key in self.extra_inputs:
+                if value is not None:
+                    extra[key] = value
+            elif not unset(value):
+                raise ValueError(f"{name} does not take {key}: its generator was distilled with any guidance built "
+                                 "in (one network evaluation per step, no unconditional branch); drop it")
+        steps = self.default_inference_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.max_inference_steps:
+            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {steps!r}")
+        copies = _whole("num_images_per_prompt", num_images_per_prompt, 1, 1 << 20)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompts is not None:
+            if not self.takes_prompt:
+                raise ValueError(f"{name} takes no text (its generator was distilled from a teacher without a text "
+                                 "encoder); drop prompt")
+            prompts = list(prompts)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+        elif self.takes_prompt:
+            raise ValueError(f"{name} is text-conditional: pass prompt='...' (or a list, one per sample)")
+        labels = None
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels)
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"class_labels must be whole numbers, got {labels.dtype}")
+            labels = labels.long().reshape(-1).cpu()
+        if batch_size is None:
+            batch_size = (len(prompts) if prompts else labels.numel() if labels is not None and labels.numel() > 1
+                          else len(latents) // copies if torch.is_tensor(latents) and latents.dim() > 0
+                          else len(generator) // copies if isinstance(generator, list) else 1)
+        batch_size = _whole("batch_size", batch_size, 1, 1 << 20)
+        total = batch_size * copies
+        if prompts is not None:
+            if len(prompts) == 1:
+                prompts = prompts * batch_size
+            if len(prompts) != batch_size:
+                raise ValueError(f"got {len(prompts)} prompts for batch_size {batch_size}: pass one, or one per sample")
+            prompts = [p for p in prompts for _ in range(copies)]
+        if labels is not None:
+            if labels.numel() == 1:
+                labels = labels.expand(total).clone()
+            elif labels.numel() == batch_size:
+                labels = labels.repeat_interleave(copies)
+            elif labels.numel() != total:
+                raise ValueError(f"got {labels.numel()} class_labels for {total} samples: pass one, or one per sample")
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"got a list of {len(generator)} generators for {total} samples: pass one generator, or "
+                             "one per sample")
+        shape = (total, *self.noise_shape)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+        elif not torch.is_tensor(latents) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents must be a tensor of shape {shape} (samples, *noise_shape), got {got}")
+        return {"noise": latents, "num_inference_steps": steps, "class_labels": labels, "prompts": prompts,
+                "generator": generator, **extra,
+                "callback": self._user_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)}
+
+    def _user_callback(self, callback_on_step_end, tensor_inputs):
+        """diffusers' callback_on_step_end(pipe, step, timestep, {"latents": ...}) as a generate() callback."""
+        if callback_on_step_end is None:
+            return None
+        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", tensor_inputs))
+        unknown = [t for t in tensor_inputs if t not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown}: {type(self).__name__} passes only "
+                             f"{self._callback_tensor_inputs}")
+
+        def callback(step, sigma, x):
+            out = callback_on_step_end(self, step, torch.as_tensor(sigma), {k: x for k in tensor_inputs})
+            return out.get("latents", x) if isinstance(out, dict) else x
+
+        return callback
+
+    def format_output(self, x: torch.Tensor, output_type: str, return_dict: bool,
+                      output_class=ImagePipelineOutput, **fields):
+        """[-1, 1] samples -> diffusers' output (images in [0, 1] as PIL / numpy / torch; latents as they are)."""
+        if output_type in LATENT_OUTPUTS or x.dim() != 4:
+            images = x
+        else:
+            images = (x / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        out = output_class(images=images, **fields)
+        return out if return_dict else out.to_tuple()
+
+
+def _is_none(value) -> bool:
+    return value is None
+
+
+def _no_guidance(value) -> bool:
+    return value is None or value == 1  # diffusers' convention: guidance_scale 1 is no guidance
+
+
+class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
+    """Generate with a distilled one-step generator; 2..max_inference_steps re-noise and denoise with the same weights.
+
+    Args:
+        scheduler: the teacher's scheduler; only its config is read (to convert the network's output to x0).
+        unet / transformer: the generator network (a distilled copy of the teacher's).
+        vae: latent teachers: decodes the generated latents (the teacher's VAE).
+        text_encoder(_2, _3) / tokenizer(_2, _3): text teachers: the teacher's encoders, used through the teacher
+            pipeline class `prompt_pipeline`'s own `encode_prompt`.
+        sigma_init: the VE noise level the generator was distilled at.
+        default_inference_steps: the NFE the generator is meant to be used at (the model card states it).
+        max_inference_steps: the most steps the re-noising rule allows (with `renoise_sigmas`: 1 + its length).
+        renoise_sigma_end: the rule's last re-noising level, as a fraction of sigma_init.
+        renoise_sigmas: explicit re-noising levels (VE sigma) replacing the rule; N steps use the first N - 1.
+        timestep_shift: SD3's time shift applied to the re-noising levels (1: none).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->unet->vae"
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                            "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    _network_slots = ("unet", "transformer", "vae")
+
+    def __init__(self, scheduler, unet=None, transformer=None, vae=None, text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 sigma_init: float = 2.5, prompt_pipeline: Optional[str] = None, default_inference_steps: int = 1,
+                 max_inference_steps: int = 4, renoise_sigma_end: float = 0.08,
+                 renoise_sigmas: Optional[list] = None, timestep_shift: float = 1.0):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("OneStepPipeline needs exactly one generator network: unet or transformer")
+        sigma_init = _finite("sigma_init", sigma_init, 0.0)
+        if prompt_pipeline is not None and not (isinstance(prompt_pipeline, str)
+                                                and prompt_pipeline.endswith("Pipeline")):
+            raise ValueError(f"prompt_pipeline must name a diffusers pipeline class, got {prompt_pipeline!r}")
+        if renoise_sigmas is not None:
+            if not isinstance(renoise_sigmas, (list, tuple)):
+                raise ValueError(f"renoise_sigmas must be a list of noise levels, got {renoise_sigmas!r}")
+            renoise_sigmas = [_finite(f"renoise_sigmas[{i}]", s, 0.0) for i, s in enumerate(renoise_sigmas)]
+            max_inference_steps = 1 + len(renoise_sigmas)
+        max_inference_steps = _whole("max_inference_steps", max_inference_steps, 1, 64)
+        default_inference_steps = _whole("default_inference_steps", default_inference_steps, 1, max_inference_steps)
+        renoise_sigma_end = _finite("renoise_sigma_end", renoise_sigma_end, 0.0, 1.0)
+        timestep_shift = _finite("timestep_shift", timestep_shift, 0.0)
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        self.register_to_config(sigma_init=sigma_init, prompt_pipeline=prompt_pipeline,
+                                default_inference_steps=default_inference_steps,
+                                max_inference_steps=max_inference_steps, renoise_sigma_end=renoise_sigma_end,
+                                renoise_sigmas=renoise_sigmas, timestep_shift=timestep_shift)
+
+    # -- protocol -------------------------------------------------------------------------------------------------
+    @property
+    def network(self):
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def noise_shape(self) -> tuple:
+        return tuple(_sample_shape(self.network))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        config = self.network.config
+        return config.get("num_class_embeds") or config.get("num_classes") or None
+
+    @property
+    def takes_prompt(self) -> bool:
+        return self.config.get("prompt_pipeline") is not None
+
+    @property
+    def max_inference_steps(self) -> int:
+        return self.config.max_inference_steps
+
+    @property
+    def default_inference_steps(self) -> int:
+        return self.config.default_inference_steps
+
+    @property
+    def schedule(self):
+        key = (id(self.scheduler), id(self.scheduler.config))
+        if getattr(self, "_schedule_key", None) != key:
+            self._schedule, self._schedule_key = schedule_for(self.scheduler), key
+        return self._schedule
+
+    def sigmas(self, num_steps: int) -> list:
+        """The noise levels of an num_steps path: sigma_init (snapped to the teacher's grid), then the re-noising
+        levels (from `renoise_sigmas`, else geometric down to renoise_sigma_end * sigma_init), time-shifted."""
+        config = self.config
+        sigma_init = self.schedule.round_sigma(config.sigma_init)
+        if config.renoise_sigmas is not None:
+            levels = [float(s) for s in config.renoise_sigmas[: num_steps - 1]]
+        elif num_steps > 1:
+            ratio = math.log(sigma_init * config.renoise_sigma_end / sigma_init) / (num_steps - 1)
+            levels = [sigma_init * math.exp(ratio * i) for i in range(1, num_steps)]
+        else:
+            levels = []
+        shift = config.timestep_shift
+        if shift != 1:
+            t = [s / (1 + s) for s in levels]
+            t = [shift * u / (1 + (shift - 1) * u) for u in t]
+            levels = [u / (1 - u) for u in t]
+        return [sigma_init] + levels
+
+    def generate(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None,
+                 callback=None, **extra):
+        return self.decode_latents(self.generate_latents(noise, num_inference_steps, class_labels, prompts,
+                                                         generator, callback, **extra))
+
+    @torch.no_grad()
+    def generate_latents(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None,
+                         callback=None, **extra):
+        """G(z), then re-noise to each next level and denoise again; re-noising draws from `generator` (one
+        generator: the whole batch at once; a list: sample i from generator i)."""
+        if extra:
+            raise ValueError(f"{type(self).__name__} takes no input {', '.join(sorted(extra))} (it takes noise, "
+                             "num_inference_steps, class_labels, prompts, generator)")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= self.max_inference_steps:
+            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {num_inference_steps!r}")
+        device = self._execution_device
+        z = noise.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != len(z):
+            raise ValueError(f"got a list of {len(generator)} generators for {len(z)} samples")
+        cond = self.conditioning(len(z), class_labels, prompts, device)
+        model, schedule = self.network, self.schedule
+        sigmas = self.sigmas(num_inference_steps)
+        x = schedule.denoise(model, sigmas[0] * z, _per_sample(sigmas[0], z), cond)
+        x = callback(0, sigmas[0], x) if callback is not None else x
+        for step, sigma in enumerate(sigmas[1:], start=1):
+            eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = schedule.denoise(model, x + sigma * eps, _per_sample(sigma, x), cond)
+            x = callback(step, sigma, x) if callback is not None else x
+        return x
+
+    def conditioning(self, n: int, class_labels=None, prompts=None, device=None) -> dict:
+        """The network's keyword inputs for n samples: class labels (default 0, 1, 2, ... cycling) and/or the
+        prompts' text embeddings."""
+        cond = {}
+        if self.num_classes:
+            labels = torch.arange(n) % self.num_classes if class_labels is None else torch.as_tensor(class_labels)
+            labels = labels.long().reshape(-1)
+            if labels.numel() != n:
+                raise ValueError(f"got {labels.numel()} class_labels for {n} samples")
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()[:8]}")
+            cond["class_labels"] = labels.to(device)
+        elif class_labels is not None:
+            raise ValueError(f"{type(self).__name__} is not class-conditional; drop class_labels")
+        if self.takes_prompt:
+            if prompts is None or len(prompts) != n:
+                raise ValueError(f"this generator is text-conditional: pass one prompt per sample ({n})")
+            cond.update(self.encode_prompt(list(prompts), device))
+        elif prompts:
+            raise ValueError(f"{type(self).__name__} takes no text; drop prompts")
+        return cond
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list, device=None) -> dict:
+        """Text embeddings for the network, by the teacher pipeline class's own `encode_prompt` (as in training)."""
+        encoder = self._text_pipeline()
+        kwargs = {"prompt": prompts, "device": device or "cpu", "num_images_per_prompt": 1,
+                  "do_classifier_free_guidance": True, "negative_prompt": None}
+        parameters = inspect.signature(encoder.encode_prompt).parameters
+        kwargs.update({k: None for k in ("prompt_2", "prompt_3") if k in parameters})
+        out = encoder.encode_prompt(**kwargs)
+        cond = {"encoder_hidden_states": out[0]}
+        if len(out) == 4:  # SD3-style: pooled text embeddings feed the transformer's time embedding
+            cond["pooled_projections"] = out[2]
+        return cond
+
+    def _text_pipeline(self):
+        """The teacher pipeline class `prompt_pipeline`, built (once) around this pipeline's components."""
+        components = self.components
+        key = tuple(id(v) for v in components.values())
+        if getattr(self, "_text_pipeline_key", None) != key:
+            name = self.config.prompt_pipeline
+            klass = getattr(diffusers, name, None) if isinstance(name, str) else None
+            if not (isinstance(klass, type) and issubclass(klass, DiffusionPipeline)):
+                raise ValueError(f"prompt_pipeline {name!r} is not a diffusers pipeline class in diffusers "
+                                 f"{diffusers.__version__}")
+            kwargs = {}
+            for arg, parameter in inspect.signature(klass.__init__).parameters.items():
+                if arg == "scheduler":  # a copy: some pipelines' __init__ rewrites their scheduler's config
+                    kwargs[arg] = type(self.scheduler).from_config(self.scheduler.config)
+                elif arg in components:
+                    kwargs[arg] = components[arg]
+                elif arg == "requires_safety_checker":
+                    kwargs[arg] = False
+                elif arg != "self" and parameter.default is inspect.Parameter.empty:
+                    kwargs[arg] = None
+            self._text_pipe, self._text_pipeline_key = klass(**kwargs), key
+        return self._text_pipe
+
+    @torch.no_grad()
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the VAE (latents / scaling_factor + shift_factor); pixel
+        generators' samples pass unchanged."""
+        if self.vae is None:
+            return x
+        scaling = float(self.vae.config.get("scaling_factor", 1.0) or 1.0)
+        shift = float(self.vae.config.get("shift_factor", 0.0) or 0.0)
+        dtype = self.vae.dtype
+        out = [self.vae.decode((z / scaling + shift).to(dtype)).sample.float() for z in x.split(VAE_CHUNK)]
+        return torch.cat(out).clamp(-1, 1)
+
+    # -- saving -----------------------------------------------------------------------------------------------------
+    def card_facts(self) -> dict:
+        """What the config says about sampling, stated in the model card (they override older card values)."""
+        steps = self.default_inference_steps
+        return {"sigma_init": self.config.sigma_init, "nfe": steps, "max_inference_steps": self.max_inference_steps,
+                "sigmas": self.sigmas(steps), "timestep_shift": self.config.timestep_shift}
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' folder (safetensors) + onestep_card.json; where plain diffusers can load every component,
+        also this file as pipeline.py, named in model_index.json's `_class_name`."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        out = Path(save_directory)
+        index_file = out / "model_index.json"
+        index = json.loads(index_file.read_text())
+        if self.standalone_code() is not None:
+            index["_class_name"] = ["pipeline", type(self).__name__]
+            (out / STANDALONE_FILE).write_text(self.standalone_code())
+            index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (out / CARD_FILE).write_text(json.dumps({**self.card, **self.card_facts()}, indent=2) + "\n")
+
+    def standalone_code(self) -> Optional[str]:
+        """The source written as pipeline.py, or None where plain diffusers could not load the folder (a subclass
+        this file does not define, or a component class from outside diffusers/transformers)."""
+        if type(self).__name__ != "OneStepPipeline":
+            return None
+        for component in self.components.values():
+            if component is not None and type(component).__module__.partition(".")[0] not in PLAIN_LIBRARIES:
+                return None
+        return Path(__file__).read_text()
