@@ -38,7 +38,7 @@ def run_quickstart(out: str | Path, steps: int | None = None, fid_samples: int |
     trainer = Trainer(config)
     result = trainer.train()  # distils, evaluates the EMA student, exports out/pipeline
 
-    teacher, data, device = trainer.teacher, trainer.data, trainer.accelerator.device
+    teacher, data, device = trainer.method.denoiser, trainer.data, trainer.accelerator.device  # the teacher's D
     student = trainer.ema_network()
     sigmas = teacher_sigmas(teacher.schedule, TEACHER_STEPS)
     run_teacher = lambda noise, **cond: sample_euler(teacher, noise, sigmas, **cond)  # noqa: E731

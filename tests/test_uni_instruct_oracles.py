@@ -98,7 +98,7 @@ def test_uni_instruct_surrogate_is_the_expanded_divergence_gradient(name):
     ("rkl", [-0.450430, -0.532346]), ("fkl", [-0.783147, -1.352834]), ("js", [-0.249556, -0.340564]),
     ("pearson", [-6.901323, -17.513810]), ("hellinger", [2 * -0.136830, 2 * -0.195908]),  # pinned with h = sqrt(r)/4
 ])
-def test_uni_instruct_matches_reference_numbers_of_the_notes(name, expected):
+def test_uni_instruct_matches_pinned_reference_numbers(name, expected):
     np.testing.assert_allclose(_surrogate_gradient(UniInstructLoss(name), SCORE_UNITS), expected, atol=2e-6)
 
 

@@ -146,3 +146,71 @@ def test_fake_score_is_in_eval_mode_for_the_generator_pass():
             x = torch.randn(8, 2)
             torch.testing.assert_close(method.fake(x, 1.0)[0], method.fake(x, 1.0)[0])
         assert not torch.equal(method.fake(x, 1.0)[0], method.fake(x, 1.0)[0])   # train mode: dropout is on
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GAN term (SiDA / DMD2): the discriminator tells real from fake, the generator's term pushes fakes towards "real"
+# --------------------------------------------------------------------------------------------------------------
+class _AdamCtx(_Ctx):
+    def __init__(self, method, step, seed=0, lr=3e-3):
+        super().__init__(method, step, seed)
+        self.opts = getattr(method, "_test_opts", None) or {
+            name: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
+            for name, m in self.nets.items()}
+        method._test_opts = self.opts
+
+    def update(self, name, loss_fn, batch):
+        self.opts[name].zero_grad(set_to_none=True)
+        loss, logs = loss_fn(batch)
+        loss.backward()
+        self.opts[name].step()
+        return logs
+
+
+def _logits(method, x, sigma=0.3, seed=5):
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return method.fake(x + sigma * eps, torch.full((len(x),), sigma), with_logit=True)[1]
+
+
+def _trained_discriminator(steps=60):
+    method = _grid_method(loss="sid", gan_weight=1.0)
+    for step in range(steps):
+        rows = torch.randint(len(method.data.x), (128,), generator=torch.Generator().manual_seed(step))
+        from onestep.methods.base import Batch
+
+        method.fake_score_step(Batch(x=method.data.x[rows], cond={}, size=128), _AdamCtx(method, step, seed=step))
+    return method
+
+
+def test_discriminator_learns_real_as_real_and_generated_as_fake():
+    """Fails if real and fake are swapped in the discriminator call: real rows must end with the higher logit."""
+    method = _trained_discriminator()
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fake = method.gen(z)
+    real = method.data.x[:512]
+    margin = _logits(method, real).mean() - _logits(method, fake).mean()
+    assert margin > 0.5, f"real logits exceed fake ones by only {margin:.3f}"
+
+
+def test_generator_gan_term_moves_samples_towards_what_the_discriminator_calls_real():
+    """Fails if the generator's GAN sign is flipped: a step on the GAN term alone raises the fakes' logits."""
+    method = _trained_discriminator()
+    method.config.generator_loss_scale = 1e-9   # the GAN term alone moves the generator
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(8))
+
+    def fake_logit():
+        with torch.no_grad():
+            return _logits(method, method.gen(z)).mean()
+
+    before = fake_logit()
+    opt = torch.optim.SGD(method.gen.parameters(), lr=0.05)
+    for step in range(5):
+        opt.zero_grad(set_to_none=True)
+        loss, logs = method.generator_loss(_batch(method), _Ctx(method, step=step, seed=100 + step))
+        loss.backward()
+        opt.step()
+    assert logs["loss/generator_gan"] > 0
+    after = fake_logit()
+    assert after > before + 0.2, f"fake logit {before:.3f} -> {after:.3f}"

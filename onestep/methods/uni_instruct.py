@@ -50,7 +50,10 @@ class UniInstructConfig(MethodConfig):
         "[20, 979] of 1000 steps for DDPM-style teachers as in SiD-LSG and DMD2, the full range otherwise")
     fake_sigma: Literal["native", "lognormal"] = "native"
     generator_loss_scale: float = Field(100.0, gt=0)        # SiD's lsg
-    gan_weight: float = Field(0.0, ge=0, description="generator GAN term weight (SiDA lsg_gan 0.01)")
+    gan_weight: float = Field(0.0, ge=0, description="generator GAN term weight, 0 = off (needs real samples). Not "
+                              "SiDA's number: SiDA's lsg_gan 0.01 is 0.01 mean(C*H*W / wf) here, measured 22 for "
+                              "1x16x16 digits and 1.4 on the 2-D grid (bench/gan_scale.py, docs/uni_instruct.md "
+                              "sec. 8)")
     discriminator_weight: float = Field(1.0, ge=0)
     fake_steps_per_generator_step: int = Field(1, ge=1)
     generator_start_step: int = Field(0, ge=0, description="fake-score warm-up: no generator update before this")
