@@ -399,6 +399,8 @@ def _run_sample(args):
     if not 1 <= args.batch_size <= bulk.MAX_BATCH:
         raise ValueError(f"--batch-size must be 1..{bulk.MAX_BATCH}, got {args.batch_size}; lower it if memory "
                          "runs out")
+    if grid:
+        _check_grid_target(Path(args.out), with_scores=args.hal_filter is not None)
     if args.hal_filter is not None and not grid:
         raise ValueError("--filter writes one grid PNG (--out FILE.png); filtering a folder of numbered PNGs is not "
                          "supported (it would break the file-per-index resume)")
@@ -430,6 +432,22 @@ def _run_sample(args):
     x = pipe.generate(noise, args.steps, generator=generator)
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+def _check_grid_target(out, with_scores: bool) -> None:
+    """A grid replaces an earlier grid of `onestep sample`, never a file of the user's of the same name."""
+    from .training.visuals import written_by_onestep
+
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; pass a new .png path for one grid, or a folder path without "
+                         "the .png extension for numbered PNGs")
+    if out.exists() and not written_by_onestep(out):
+        raise ValueError(f"--out {out}: exists and was not written by `onestep sample`; choose another name (the "
+                         "file was left as it is)")
+    scores = out.with_suffix(".scores.json")
+    if with_scores and scores.exists() and not (out.exists() and written_by_onestep(out)):
+        raise ValueError(f"--out {out}: {scores.name} exists beside it and was not written with this grid; choose "
+                         "another name")
 
 
 def _image_suffix(path: str) -> bool:

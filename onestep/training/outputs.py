@@ -42,25 +42,31 @@ def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def claim_output_dir(out: Path, resume: bool) -> str | None:
-    """Make `out` ready for a run before it writes anything (see the module docstring). Returns a line saying what
-    was set aside (None if nothing); raises ValueError, having changed nothing, for a folder holding files that
-    onestep did not write."""
+def refuse_foreign_files(out: Path) -> list[str]:
+    """Read-only (safe on every process at once): raise ValueError if `out` is not a folder, or holds files a run
+    would replace that onestep did not write. Returns the names of an earlier run's results present in it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out}: is a file, not a folder; choose a new output_dir")
     if not out.is_dir():
-        return None
+        return []
     present = [name for name in RESULTS if _present(out / name)]
-    if not present:
-        return None
-    if not written_by_onestep(out):
+    if present and not written_by_onestep(out):
         foreign = [name for name in present if name in WOULD_REPLACE]
-        if not foreign:
-            return None
-        more = f" (and {', '.join(foreign[1:])})" if foreign[1:] else ""
-        raise ValueError(f"output_dir {out}: holds {foreign[0]}{more}, which onestep did not write and a run would "
-                         "replace; nothing was changed: choose a new or empty output_dir, or move those files away")
-    if resume:
+        if foreign:
+            more = f" (and {', '.join(foreign[1:])})" if foreign[1:] else ""
+            raise ValueError(f"output_dir {out}: holds {foreign[0]}{more}, which onestep did not write and a run "
+                             "would replace; nothing was changed: choose a new or empty output_dir, or move those "
+                             "files away")
+        return []
+    return present
+
+
+def claim_output_dir(out: Path, resume: bool) -> str | None:
+    """Make `out` ready for a run before it writes anything (see the module docstring; call it on one process).
+    Returns a line saying what was set aside (None if nothing); raises ValueError, having changed nothing, for a
+    folder holding files that onestep did not write."""
+    present = refuse_foreign_files(out)
+    if not present or resume:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside, n = out / f"earlier_{stamp}", 1

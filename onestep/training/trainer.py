@@ -148,6 +148,8 @@ class Trainer:
         self.start_step, self.skipped_updates = 0, 0
         self._last_grad_norms: dict[str, float] = {}
         self.metrics_file = self.out / "metrics.jsonl"
+        outputs.refuse_foreign_files(self.out)  # every process alike, before any of them changes anything
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self._set_aside_earlier_run(resume)
         self.fixed_noise, self.fixed_cond = self._fixed_inputs()

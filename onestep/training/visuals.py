@@ -9,16 +9,37 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+PNG_TAG = ("onestep", "sample grid")   # a PNG text chunk: how `onestep sample` knows a grid.png is its own
+
+
+def written_by_onestep(path: Path) -> bool:
+    """Is `path` a PNG that save_samples wrote (it carries PNG_TAG)? Reads the header chunks only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "text", {}).get(PNG_TAG[0]) == PNG_TAG[1]
+    except Exception:  # not an image at all: not ours
+        return False
 
 
 def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | None = None, title: str = "") -> None:
-    """Images in [-1, 1] -> a grid PNG; 2-D points -> a scatter PNG over the reference data."""
+    """Images in [-1, 1] -> a grid PNG; 2-D points -> a scatter PNG over the reference data (both tagged PNG_TAG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     samples = samples.detach().float().cpu()
     if samples.dim() == 4:
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
         nrow = max(1, int(len(samples) ** 0.5))
-        save_image(make_grid((samples + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1), path)
+        grid = make_grid((samples + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1)
+        pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
+        info = PngInfo()
+        info.add_text(*PNG_TAG)
+        Image.fromarray(pixels).save(path, format="PNG", pnginfo=info)
         return
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     if reference is not None:
@@ -28,7 +49,7 @@ def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | No
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png", metadata=dict([PNG_TAG]))
     plt.close(fig)
 
 
