@@ -36,3 +36,22 @@ def rows_with_labels(data_labels: torch.Tensor, labels: torch.Tensor) -> torch.T
             raise ValueError(f"class {c} has no row in the data; the evaluation needs at least one sample per class")
         rows[want] = have[torch.arange(len(want)) % len(have)]
     return rows
+
+
+def evaluation_inputs(data, sample_shape, n: int, seed: int, batch_size: int = 250):
+    """The inputs of every evaluation sample, batch after batch: (noise [b, *sample_shape], data rows [b]).
+
+    The one stream the trainer's evaluation (`onestep.training.trainer.generate`) and `onestep fid --sampling trainer`
+    share: one CPU generator seeded with `seed`; each batch draws its noise, then random rows (drawn in every case so
+    the noise stream is the same with or without labels); for class-labelled data the rows are replaced by rows of
+    the balanced labels `balanced_labels(n, K, seed)`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    balanced = None
+    if data.labels is not None and data.num_classes:
+        balanced = rows_with_labels(data.labels, balanced_labels(n, data.num_classes, seed))
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        noise = torch.randn((b, *sample_shape), generator=g)
+        rows = torch.randint(len(data), (b,), generator=g)
+        yield noise, (balanced[start: start + b] if balanced is not None else rows)

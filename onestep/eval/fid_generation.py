@@ -24,11 +24,12 @@ def _uint8_index(x: torch.Tensor) -> torch.Tensor:
 
 
 class _TrainerStream:
-    """The inputs of `onestep.training.trainer.generate`, batch after batch: noise, then random data rows."""
+    """The training evaluation's inputs (`onestep.data.labels.evaluation_inputs`), asked for batch by batch."""
 
-    def __init__(self, seed: int, sample_shape, num_rows: int, n: int, batch_size: int):
-        self.g = torch.Generator().manual_seed(seed)
-        self.shape, self.num_rows, self.n, self.batch_size = tuple(sample_shape), num_rows, n, batch_size
+    def __init__(self, data, sample_shape, n: int, batch_size: int, seed: int):
+        from ..data.labels import evaluation_inputs
+
+        self.batches = evaluation_inputs(data, sample_shape, n, seed, batch_size)
         self.next_batch = 0
 
     def draw(self, batch: int):
@@ -36,9 +37,7 @@ class _TrainerStream:
         if batch < self.next_batch:
             raise RuntimeError(f"batch {batch} was drawn already (next is {self.next_batch})")
         while True:
-            b = min(self.batch_size, self.n - self.next_batch * self.batch_size)
-            noise = torch.randn((b, *self.shape), generator=self.g)
-            rows = torch.randint(self.num_rows, (b,), generator=self.g)
+            noise, rows = next(self.batches)
             self.next_batch += 1
             if self.next_batch - 1 == batch:
                 return noise, rows
@@ -76,7 +75,7 @@ def generated_features(pipe, feat_extractor, n: int, seed: int, steps: int = 1, 
                              "onestep:<dataset> as the other input, or use --sampling index")
         if num_classes and data.labels is None:
             raise ValueError(f"the pipeline is class-conditional but dataset {data.name!r} has no labels")
-        stream = _TrainerStream(seed, pipe.noise_shape, len(data), n, batch_size)
+        stream = _TrainerStream(data, pipe.noise_shape, n, batch_size, seed)
     elif sampling != "index":
         raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 

@@ -396,25 +396,15 @@ class Trainer:
 
 @torch.no_grad()
 def generate(sample_fn, data, sample_shape, n: int, seed: int, device, batch_size: int = 250) -> torch.Tensor:
-    """n samples of `sample_fn(noise, **cond)`. With class-labelled data the labels are balanced
-    (`onestep.data.labels.balanced_labels(n, K, seed)`: n/K per class) and each sample takes the conditioning of a
-    row of its class; otherwise (prompts) rows are drawn at random. Noise and rows depend only on the seed, so two
-    samplers called with the same seed see the same inputs (the noise stream is the same with or without labels)."""
-    from ..data.labels import balanced_labels, rows_with_labels
+    """n samples of `sample_fn(noise, **cond)` on the evaluation stream (`onestep.data.labels.evaluation_inputs`:
+    balanced labels for class-labelled data, each sample taking the conditioning of a row of its class). Noise and
+    rows depend only on the seed, so two samplers called with the same seed see the same inputs."""
+    from ..data.labels import evaluation_inputs
 
-    g = torch.Generator().manual_seed(seed)
-    balanced = None
-    if data.cond and data.labels is not None and data.num_classes:
-        balanced = rows_with_labels(data.labels, balanced_labels(n, data.num_classes, seed))
     out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        noise = torch.randn((b, *sample_shape), generator=g).to(device)
-        rows = torch.randint(len(data), (b,), generator=g)  # drawn in every case: the noise stream stays the same
-        if balanced is not None:
-            rows = balanced[start: start + b]
+    for noise, rows in evaluation_inputs(data, sample_shape, n, seed, batch_size):
         cond = {k: v[rows.to(v.device)].to(device) for k, v in (data.cond or {}).items()}
-        out.append(sample_fn(noise, **cond).float().cpu())
+        out.append(sample_fn(noise.to(device), **cond).float().cpu())
     return torch.cat(out)
 
 
