@@ -300,7 +300,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         card = {"teacher": self.config.teacher.path if self.config.teacher else None, "dataset": self.config.data.name,
-                "steps": self.config.train.steps}
+                "steps": self.config.train.steps, "train_seconds": round(result.get("train_seconds", 0.0), 1)}
         if "fid" in result:
             from ..eval import fid_protocol
 
