@@ -522,6 +522,8 @@ def _add_fid(sub):
     p.add_argument("-n", "--num-samples", type=int, default=50_000,
                    help="images generated per pipeline input (default 50000, the standard)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (training evaluation: recipe seed + 1)")
+    p.add_argument("--seeds", type=_whole(1, 100), default=1, metavar="S",
+                   help="measure with seeds SEED..SEED+S-1 and report mean +- sd and each (one draw is not a result)")
     p.add_argument("--steps", type=int, default=1, help="network evaluations per sample, 1..4 (the NFE)")
     p.add_argument("--sampling", choices=["index", "trainer"], default=None,
                    help="how noise and labels are drawn (default: trainer vs onestep:<dataset>, else index)")

@@ -235,3 +235,15 @@ def test_script_is_the_same_command(tiny_run, tmp_path, capsys, monkeypatch):
         runpy.run_path(str(REPO / "scripts" / "fid.py"), run_name="__main__")
     assert done.value.code == 0
     assert abs(json.loads(capsys.readouterr().out)["fid"] - tiny_run["fid"]) <= 1e-6 * tiny_run["fid"]
+
+
+def test_several_seeds_give_mean_spread_and_each_value(tiny_run, tmp_path, capsys):
+    """--seeds S: S draws at seeds SEED..SEED+S-1; the first equals a single run at SEED, the mean is reported."""
+    args = (tiny_run["pipeline"], "onestep:digits", "-n", tiny_run["n"], "--seed", tiny_run["seed"], "--cache-dir",
+            tmp_path / "cache")
+    single = _fid(capsys, *args)
+    other = _fid(capsys, *args[:5], int(tiny_run["seed"]) + 1, *args[6:])
+    both = _fid(capsys, *args, "--seeds", 2)
+    assert both["fid_per_seed"] == [single["fid"], other["fid"]] and both["seeds"][0] == int(tiny_run["seed"])
+    assert both["fid"] == pytest.approx((single["fid"] + other["fid"]) / 2)
+    assert both["fid_sd"] > 0 and "mean +- sd over 2 seeds" in both["protocol_text"]

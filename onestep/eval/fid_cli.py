@@ -38,7 +38,7 @@ import json
 import os
 import sys
 from contextlib import redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +283,9 @@ def protocol_text(p: dict) -> str:
 
 
 def format_result(result: dict) -> str:
-    lines = [f"FID {result['fid']:.6g}"]
+    lines = [f"FID {result['fid']:.6g}" + (f" +- {result['fid_sd']:.3g} over seeds {result['seeds']} (each: "
+                                           f"{', '.join(f'{v:.4g}' for v in result['fid_per_seed'])})"
+                                           if "fid_sd" in result else "")]
     if "kid_mean" in result:
         lines.append(f"KID {result['kid_mean']:.6g} +- {result['kid_std']:.3g}")
     if "precision" in result:
@@ -307,8 +309,23 @@ def options_from_args(args) -> FidOptions:
                       datasets_root=args.datasets_root, progress=not args.no_progress)
 
 
+def over_seeds(options: FidOptions, seeds: int, accelerator=None) -> dict | None:
+    """`compute_fid` at seeds seed..seed+S-1 (reference statistics computed once, from the cache): the result of the
+    first seed with `fid` = the mean, `fid_sd` (sample standard deviation), `fid_per_seed` and `seeds`."""
+    import statistics
+
+    results = [compute_fid(replace(options, seed=options.seed + k), accelerator) for k in range(seeds)]
+    if results[0] is None or seeds == 1:
+        return results[0]
+    values = [r["fid"] for r in results]
+    result = {**results[0], "fid": statistics.mean(values), "fid_sd": statistics.stdev(values),
+              "fid_per_seed": values, "seeds": [options.seed + k for k in range(seeds)]}
+    result["protocol_text"] += f"; mean +- sd over {seeds} seeds ({options.seed}..{options.seed + seeds - 1})"
+    return result
+
+
 def run_from_args(args) -> int:
-    result = compute_fid(options_from_args(args))
+    result = over_seeds(options_from_args(args), getattr(args, "seeds", 1))
     if result is not None:  # main process
         print(json.dumps(result, indent=1) if args.json else format_result(result))
         sys.stdout.flush()
