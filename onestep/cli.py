@@ -296,6 +296,8 @@ def _add_quickstart(sub):
     p.add_argument("--out", default="runs/quickstart", type=_path)
     p.add_argument("--steps", type=_whole(1), default=None, help="distillation steps (default: the recipe's)")
     p.add_argument("--fid-samples", type=_whole(2), default=None, help="samples per side for the Frechet distance")
+    p.add_argument("--recompute-teacher-fid", action="store_true",
+                   help="measure the teacher's FD even when its card holds it for this protocol")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(run=_run_quickstart)
 
@@ -303,7 +305,8 @@ def _add_quickstart(sub):
 def _run_quickstart(args):
     from .quickstart import run_quickstart
 
-    metrics = run_quickstart(args.out, steps=args.steps, fid_samples=args.fid_samples, overrides=args.overrides)
+    metrics = run_quickstart(args.out, steps=args.steps, fid_samples=args.fid_samples, overrides=args.overrides,
+                             recompute_teacher_fid=args.recompute_teacher_fid)
     print(f"teacher FID {metrics['teacher_fid']:.2f} ({metrics['teacher_nfe']} NFE) | student FID "
           f"{metrics['student_fid']:.2f} ({metrics['student_nfe']} NFE) | {metrics['speedup']:.1f}x faster | "
           f"{metrics['wall_s']:.0f} s")
