@@ -27,15 +27,19 @@ def twins(tmp_path, flip_registered):  # noqa: F811
     return tmp_path / "onestep", tmp_path / "flip"
 
 
-def test_load_pipeline_dispatches_on_the_saved_class_and_refuses_others(twins, tiny_teacher_dir):
+def test_load_pipeline_dispatches_on_the_saved_class_and_refuses_others(twins, tiny_teacher_dir, tmp_path):
     plain, flip = twins
     assert set(available_pipelines()) >= {"OneStepPipeline", "FlipPipeline"}
     assert type(load_pipeline(plain)) is OneStepPipeline and type(load_pipeline(flip)) is FlipPipeline
     index = json.loads((flip / "model_index.json").read_text())
     assert index["_class_name"] == "FlipPipeline" and not (flip / "pipeline.py").exists()  # no plain-diffusers claim
-    with pytest.raises(ValueError, match=r"a DDPMPipeline folder, not a registered onestep pipeline \(FlipPipeline, "
+    from onestep.pipelines import TeacherPipeline
+
+    assert type(load_pipeline(tiny_teacher_dir)) is TeacherPipeline  # a diffusers teacher folder (DDPMPipeline)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDMPipeline"}))
+    with pytest.raises(ValueError, match=r"a AudioLDMPipeline folder, not a registered onestep pipeline \(FlipPipeline, "
                                          r"OneStepPipeline"):
-        load_pipeline(tiny_teacher_dir)
+        load_pipeline(tmp_path)
     with pytest.raises(TypeError, match="not a GeneratorPipeline subclass"):
         register_pipeline(dict)
 

@@ -6,17 +6,15 @@ students with the same code: `load_pipeline` opens a teacher folder with it.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .base import GeneratorPipeline
 from .registry import register_pipeline
-from .standalone_pipeline import _sample_shape, _whole
+from .standalone_pipeline import NetworkFacts, _whole
 
 
 @register_pipeline
-class TeacherPipeline(GeneratorPipeline):
+class TeacherPipeline(NetworkFacts, GeneratorPipeline):
     """Sample a diffusion teacher with `num_inference_steps` Euler (DDIM) steps on its native timestep grid.
 
     scheduler: the teacher's scheduler (its config says how network outputs become x0); unet or transformer: the
@@ -54,10 +52,6 @@ class TeacherPipeline(GeneratorPipeline):
         return {k: v for k, v in OneStepPipeline.dummy_components().items() if k in ("unet", "scheduler")}
 
     @property
-    def network(self):
-        return self.unet if self.unet is not None else self.transformer
-
-    @property
     def denoiser(self):
         """The VE denoiser view of the network (built once per network and scheduler)."""
         from ..denoisers import denoiser_from_pretrained
@@ -66,23 +60,6 @@ class TeacherPipeline(GeneratorPipeline):
         if getattr(self, "_denoiser_key", None) != key:
             self._denoiser, self._denoiser_key = denoiser_from_pretrained(self.network, self.scheduler), key
         return self._denoiser
-
-    @property
-    def noise_shape(self) -> tuple:
-        return tuple(_sample_shape(self.network))
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        config = self.network.config
-        return config.get("num_class_embeds") or config.get("num_classes") or None
-
-    @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
 
     @torch.no_grad()
     def generate_latents(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,

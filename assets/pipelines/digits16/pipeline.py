@@ -424,7 +424,33 @@ def _no_guidance(value) -> bool:
     return value is None or value == 1  # diffusers' convention: guidance_scale 1 is no guidance
 
 
-class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
+class NetworkFacts:
+    """Protocol facts read off a pipeline's one network (`unet` or `transformer`) and its config; shared by the
+    pipeline classes built around one denoising network."""
+
+    @property
+    def network(self):
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def noise_shape(self) -> tuple:
+        return tuple(_sample_shape(self.network))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        config = self.network.config
+        return config.get("num_class_embeds") or config.get("num_classes") or None
+
+    @property
+    def max_inference_steps(self) -> int:
+        return self.config.max_inference_steps
+
+    @property
+    def default_inference_steps(self) -> int:
+        return self.config.default_inference_steps
+
+
+class OneStepPipeline(NetworkFacts, GeneratorCallMixin, DiffusionPipeline):
     """Generate with a distilled one-step generator; 2..max_inference_steps re-noise and denoise with the same weights.
 
     Args:
@@ -477,29 +503,9 @@ class OneStepPipeline(GeneratorCallMixin, DiffusionPipeline):
 
     # -- protocol -------------------------------------------------------------------------------------------------
     @property
-    def network(self):
-        return self.unet if self.unet is not None else self.transformer
-
-    @property
-    def noise_shape(self) -> tuple:
-        return tuple(_sample_shape(self.network))
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        config = self.network.config
-        return config.get("num_class_embeds") or config.get("num_classes") or None
-
-    @property
     def takes_prompt(self) -> bool:
         return self.config.get("prompt_pipeline") is not None
 
-    @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
 
     @property
     def schedule(self):
