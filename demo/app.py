@@ -125,7 +125,6 @@ class Request:
         req = cls(**values)
         req.hal_filter = _boolean("hallucination filter", req.hal_filter)
         req.compare_teacher = _boolean("compare with the teacher", req.compare_teacher)
-        req.oms = _boolean("OMS", req.oms)
         req.seed = _integer("seed", req.seed, 0, MAX_SEED)
         req.num_images = _integer("number of images", req.num_images, 1, max_images)
         req.steps = _integer("steps", req.steps, 1, caps.max_steps)

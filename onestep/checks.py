@@ -49,35 +49,6 @@ def first_non_finite(value, key: str = ""):
     return None
 
 
-def positive_batch_size(batch_size) -> int:
-    """A Python API `batch_size`: a whole number >= 1 (0 is an error, not "the default")."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {shown(batch_size)}")
-    return batch_size
-
-
-def class_labels_in_range(labels, num_classes: int, count: int | None = None):
-    """Integer class labels, each in 0..num_classes-1 (a bare IndexError deep in an embedding otherwise), one per
-    sample when `count` is given (a single label applies to every sample)."""
-    import torch
-
-    tensor = torch.as_tensor(labels)
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        if not (tensor.is_floating_point() and torch.isfinite(tensor).all() and (tensor == tensor.round()).all()):
-            raise ValueError(f"class_labels must be whole numbers in 0..{num_classes - 1}, got {shown(labels)}")
-    tensor = tensor.long().reshape(-1)
-    if count is not None and len(tensor) == 1:
-        tensor = tensor.expand(count)
-    if count is not None and len(tensor) != count:
-        raise ValueError(f"class_labels: got {len(tensor)} labels for {count} samples; pass one label, or one per "
-                         "sample")
-    bad = tensor[(tensor < 0) | (tensor >= num_classes)]
-    if len(bad):
-        raise ValueError(f"class_labels must be in 0..{num_classes - 1} (this generator has {num_classes} classes), "
-                         f"got {int(bad[0])}")
-    return tensor
-
-
 def is_disk_full(err: BaseException) -> bool:
     """Did a write fail because the device (or the user's quota) is full? OSError ENOSPC/EDQUOT, or safetensors'
     own error (a Rust io::Error "StorageFull", not an OSError)."""

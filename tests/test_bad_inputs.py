@@ -299,13 +299,13 @@ def test_a_recipe_is_read_from_stdin(tmp_path):
 
 # --- the Python API: one-line ValueErrors too -----------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$"),
-    ({"batch_size": -2}, r"^batch_size must be a whole number >= 1, got -2$"),
+    ({"batch_size": 0}, r"^batch_size must be a whole number in 1\.\.1048576, got 0$"),
+    ({"batch_size": -2}, r"^batch_size must be a whole number in 1\.\.1048576, got -2$"),
     ({"batch_size": 2, "class_labels": [3, 10]}, r"^class_labels must be in 0\.\.9 \(this generator has 10 classes\), "
                                                   r"got 10$"),
     ({"batch_size": 2, "class_labels": [-1, 0]}, r"^class_labels must be in 0\.\.9 .*got -1$"),
-    ({"batch_size": 2, "class_labels": [0.5, 1]}, r"^class_labels must be whole numbers in 0\.\.9"),
-    ({"batch_size": 3, "class_labels": [1, 2]}, r"^class_labels: got 2 labels for 3 samples"),
+    ({"batch_size": 2, "class_labels": [0.5, 1]}, r"^class_labels must be whole numbers in 0\.\.9, got 0\.5$"),
+    ({"batch_size": 3, "class_labels": [1, 2]}, r"^got 2 class_labels for 3 samples: pass one, or one per sample$"),
 ])
 def test_the_pipeline_refuses_bad_arguments_in_one_line(sources, kwargs, message):
     from onestep.pipelines import OneStepPipeline
@@ -316,3 +316,6 @@ def test_the_pipeline_refuses_bad_arguments_in_one_line(sources, kwargs, message
     assert "\n" not in str(err.value)
     one = pipe(batch_size=3, class_labels=[7], output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert one.shape[0] == 3  # a single label applies to every sample
+    whole = pipe(batch_size=2, class_labels=[3.0, 4.0], output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole.images, pipe(batch_size=2, class_labels=[3, 4], output_type="pt",
+                                          generator=torch.Generator().manual_seed(0)).images)  # 3.0 is label 3

@@ -15,7 +15,7 @@ def test_sid_on_the_gaussian_grid_covers_at_least_90_percent_of_modes(tmp_path):
                                   ["train.steps=600", f"output_dir={tmp_path}", "train.sample_every=600"]))
     z = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        at_init = OneStepGenerator(trainer.teacher, 2.5)(z)
+        at_init = OneStepGenerator(trainer.teacher.denoiser, 2.5)(z)  # the bundle's denoiser
     trainer.train()
     with torch.no_grad():
         distilled = trainer.ema_network()(z)

@@ -57,10 +57,12 @@ def test_the_demo_decodes_uploads_with_the_same_reader(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
     import app as demo_app
 
-    caps = demo_app.Capabilities(num_classes=None, max_steps=4, prompt=False, oms=False, control=True, teacher=False)
+    caps = demo_app.Capabilities(num_classes=None, max_steps=4, prompt=False, teacher=False,
+                                 extra_inputs={"control_image": "image"})
     expected = _gray16(tmp_path / "control.png", size=16)
     req = demo_app.Request.parse({"control_image": {"path": str(tmp_path / "control.png")}}, caps)
-    assert req.control_image.mode == "RGB" and np.array_equal(np.asarray(req.control_image)[..., 0], expected)
+    image = req.extras["control_image"]
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image)[..., 0], expected)
     (tmp_path / "bomb.png").write_bytes(bytes.fromhex(  # a PNG header declaring 100000 x 100000 pixels
         "89504e470d0a1a0a0000000d49484452000186a0000186a008000000008d3954140000000049454e44ae426082"))
     with pytest.raises(ValueError, match=r"^the control image: refused as a decompression bomb") as err:

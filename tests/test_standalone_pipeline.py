@@ -194,7 +194,9 @@ def test_sampling_config_lives_in_model_index_and_the_card_states_the_nfe(tmp_pa
     assert loaded.default_inference_steps == 3 and loaded.sigmas(3) == explicit.sigmas(3)
     assert torch.equal(_images(loaded, 3, "raw"), _images(explicit, 3, "raw"))
     assert not torch.equal(_images(loaded, 2, "raw"), _images(pipe, 2, "raw"))
-    for bad, message in [({"sigma_init": float("nan")}, "sigma_init must be a finite number"),
+    # a level above the teacher's range was clamped silently at generation: refused when the pipeline is built
+    for bad, message in [({"sigma_init": float("nan")}, r"sigma_init must be a finite noise level in \(0, "),
+                         ({"sigma_init": 1e6}, r"in \(0, [\d.]+\] \(the teacher's range\), got 1000000\.0"),
                          ({"renoise_sigmas": [1.0, float("inf")]}, r"renoise_sigmas\[1\] must be a finite number"),
                          ({"timestep_shift": 0}, "timestep_shift must be a finite number"),
                          ({"default_inference_steps": 5}, "default_inference_steps must be a whole number in 1..4")]:

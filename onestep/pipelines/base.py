@@ -75,8 +75,8 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
         saved_as = saved_class_name(index)
         if saved_as not in (None, cls.__name__, *available_pipelines()) and not cls.accepts(index):
             raise ValueError(f"{path}: a {saved_as} folder, not a {cls.__name__} (model_index.json _class_name); "
-                             "pass the pipeline/ folder a onestep run exported (a teacher is distilled with "
-                             "`onestep train`, not sampled here)")
+                             "pass the pipeline/ folder a onestep run exported (onestep.pipelines.load_pipeline "
+                             "opens a diffusers teacher without text as a TeacherPipeline)")
         parameters = inspect.signature(cls.__init__).parameters
         modules, _ = cls._get_signature_keys(cls)
         components, config = {}, {}

@@ -58,6 +58,6 @@ def load_pipeline(path, torch_dtype=None, dtype=None, **kwargs):
     if name not in _REGISTRY:
         registered = ", ".join(sorted(_REGISTRY)) or "none"
         raise ValueError(f"{path}: a {name} folder, not a registered onestep pipeline ({registered}; model_index.json "
-                         "_class_name); pass the pipeline/ folder a onestep run exported (a teacher is distilled with "
-                         "`onestep train`, not sampled here)")
+                         "_class_name); pass the pipeline/ folder a onestep run exported (a teacher with a text "
+                         "encoder is distilled with `onestep train`, not sampled here)")
     return _REGISTRY[name].from_pretrained(str(path), torch_dtype=torch_dtype, dtype=dtype, **kwargs)

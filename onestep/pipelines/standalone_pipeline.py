@@ -168,6 +168,32 @@ def _finite(name: str, value, low: float, high: float = math.inf, low_open: bool
     return float(value)
 
 
+def _noise_level(name: str, value, scheduler) -> float:
+    """sigma_init: a finite VE noise level in (0, sigma_max] of the teacher's scheduler. A level above it would be
+    clamped silently at generation, NaN or a negative one would make an all-NaN or wrong generator."""
+    high = schedule_for(scheduler).sigma_max if scheduler is not None else math.inf
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and 0 < value <= high * (1 + 1e-6)):
+        raise ValueError(f"{name} must be a finite noise level in (0, {high:.4g}] (the teacher's range), got "
+                         f"{value!r}; set it to the level the generator was distilled at (e.g. 2.5, onestep's "
+                         "default)")
+    return float(value)
+
+
+def _whole_labels(class_labels, num_classes: int) -> torch.Tensor:
+    """class_labels as a flat int64 tensor: integers, or floats with whole values (3.0 is label 3); 0.5, NaN, bools
+    and complex numbers are refused naming the first such value."""
+    labels = torch.as_tensor(class_labels)
+    flat = labels.reshape(-1)
+    if labels.dtype == torch.bool or labels.is_complex():
+        bad = flat
+    else:
+        bad = flat[~torch.isfinite(flat) | (flat != flat.round())] if labels.is_floating_point() else flat[:0]
+    if len(bad):
+        raise ValueError(f"class_labels must be whole numbers in 0..{num_classes - 1}, got {bad[0].item()!r}")
+    return labels.long().reshape(-1).cpu()
+
+
 def _whole(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be a whole number in {low}..{high}, got {value!r}")
@@ -248,12 +274,14 @@ class GeneratorCallMixin:
         prompts' text embeddings."""
         cond = {}
         if self.num_classes:
-            labels = torch.arange(n) % self.num_classes if class_labels is None else torch.as_tensor(class_labels)
-            labels = labels.long().reshape(-1)
+            labels = (torch.arange(n) % self.num_classes if class_labels is None
+                      else _whole_labels(class_labels, self.num_classes))
             if labels.numel() != n:
                 raise ValueError(f"got {labels.numel()} class_labels for {n} samples")
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()[:8]}")
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            if len(bad):  # the first offending label, not the first few labels (which may all be fine)
+                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1} (this generator has "
+                                 f"{self.num_classes} classes), got {int(bad[0])}")
             cond["class_labels"] = labels.to(device)
         elif class_labels is not None:
             raise ValueError(f"{type(self).__name__} is not class-conditional; drop class_labels")
@@ -349,10 +377,9 @@ class GeneratorCallMixin:
             raise ValueError(f"{name} is text-conditional: pass prompt='...' (or a list, one per sample)")
         labels = None
         if class_labels is not None:
-            labels = torch.as_tensor(class_labels)
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise ValueError(f"class_labels must be whole numbers, got {labels.dtype}")
-            labels = labels.long().reshape(-1).cpu()
+            if not self.num_classes:
+                raise ValueError(f"{name} is not class-conditional; drop class_labels")
+            labels = _whole_labels(class_labels, self.num_classes)
         if batch_size is None:
             batch_size = (len(prompts) if prompts else labels.numel() if labels is not None and labels.numel() > 1
                           else len(latents) // copies if torch.is_tensor(latents) and latents.dim() > 0
@@ -480,7 +507,7 @@ class OneStepPipeline(NetworkFacts, GeneratorCallMixin, DiffusionPipeline):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("OneStepPipeline needs exactly one generator network: unet or transformer")
-        sigma_init = _finite("sigma_init", sigma_init, 0.0)
+        sigma_init = _noise_level("sigma_init", sigma_init, scheduler)
         if prompt_pipeline is not None and not (isinstance(prompt_pipeline, str)
                                                 and prompt_pipeline.endswith("Pipeline")):
             raise ValueError(f"prompt_pipeline must name a diffusers pipeline class, got {prompt_pipeline!r}")
