@@ -133,7 +133,7 @@ def test_a_second_job_into_a_locked_folder_is_refused_and_touches_nothing(pipeli
     _sample(pipeline_dir, out, 16)  # the lock is released with its holder
 
 
-def test_two_concurrent_samplers_into_one_folder_never_mix(pipeline_dir, tmp_path):
+def test_two_concurrent_samplers_into_one_folder_never_mix(pipeline_dir, tmp_path, one_thread):
     """Two `onestep sample` processes started together on one folder: one writes, the other is refused at once (or,
     started after the first finished, finds the job complete); the folder ends identical to a single run."""
     _sample(pipeline_dir, tmp_path / "reference", N)
