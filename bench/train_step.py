@@ -54,7 +54,7 @@ def main():
             trainer.ema.step(method.gen.parameters())
             step[0] += 1
 
-        unet_g, unet_f, unet_t = method.gen.denoiser.model, method.fake.denoiser.model, method.teacher.model
+        unet_g, unet_f, unet_t = method.gen.denoiser.model, method.fake.denoiser.model, method.denoiser.model
         x = torch.randn(args.batch, *method.sample_shape)
         t = torch.full((args.batch,), 440.0)
         labels = torch.randint(10, (args.batch,))
