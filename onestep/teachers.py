@@ -161,8 +161,6 @@ def open_teacher(spec, kind: str, device, data=None):
         return None
     if spec is None:
         raise ValueError(f"teacher: this method needs a {kind} teacher (a folder path or hub id); set teacher.path")
-    from .denoisers import load_teacher, read_model_index
-
     dtype = getattr(torch, spec.dtype)
     if kind == "autoregressive":
         from .teachers_ar import AutoregressiveTeacher

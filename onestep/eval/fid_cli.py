@@ -42,8 +42,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .fid_extractors import INCEPTION, _file_fingerprint, _layers, inception_cache_path, resolve_extractor
 from .fid_generation import INDEX_BATCH, SAMPLINGS, TRAINER_EVAL_BATCH, generated_features
 from .fid_inputs import Source, _load_onestep_data, _load_pipeline, _pipeline_image_size, resolve_input
