@@ -70,10 +70,6 @@ class DiffusionTeacher(_Bundle):
     denoiser: Any = None
 
     @property
-    def network(self):
-        return self.denoiser.model
-
-    @property
     def sample_shape(self):
         return tuple(self.denoiser.sample_shape)
 
@@ -103,10 +99,6 @@ class OneStepSource(_Bundle):
 
     kind: ClassVar[str] = "one_step"
     generator: Any = None
-
-    @property
-    def network(self):
-        return self.generator.denoiser.model
 
     @property
     def denoiser(self):

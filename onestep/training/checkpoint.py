@@ -216,7 +216,7 @@ def _weights_owner(module: torch.nn.Module, source: dict) -> torch.nn.Module:
             continue
         for key in source:
             prefix = key[: len(key) - len(keys[0])]
-            if key.endswith(keys[0]) and prefix in ("", *(p for p in [prefix] if p.endswith("."))) \
+            if key.endswith(keys[0]) and (not prefix or prefix.endswith(".")) \
                     and all(prefix + k in source for k in keys):
                 picked = {k: source[prefix + k] for k in keys}
                 source.clear()
