@@ -46,8 +46,8 @@ from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, t
 log = logging.getLogger(__name__)
 
 FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
-DEFAULT_STUDENT = {  # the digits teacher's UNet (32, 64, 64) at half width: ~1/4 of its parameters
-    "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+DEFAULT_STUDENT = {  # the digits teacher's UNet (32, 64, 64) at half width: 260,849 parameters, 0.245x the teacher's
+    "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "time_embedding_dim": 48,
     "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
@@ -251,7 +251,7 @@ class SlimFlowReflow(Method):
     def smoke_recipe(cls, teacher, variant=None):
         return {"teacher": teacher, "data": {"name": f"pairs:{smoke_pairs(teacher)}"},
                 "method": {"name": cls.name, "beta_steps": 3, "hflip": True, "sample_steps": 2,
-                           "model": {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1,
+                           "model": {"block_out_channels": [4, 8], "norm_num_groups": 4, "layers_per_block": 1,
                                      "down_block_types": ["DownBlock2D", "DownBlock2D"],
                                      "up_block_types": ["UpBlock2D", "UpBlock2D"]}}}
 
