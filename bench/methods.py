@@ -37,6 +37,11 @@ ROWS = [
     ("teacher (dsm, DDIM-50)", RECIPES / "pretrain_digits16.yaml", DIGITS_TEACHER, 50),
     ("uni_instruct dmd, 300 steps (quickstart)", RECIPES / "quickstart_digits16.yaml", None, 1),
     ("uni_instruct sid, 2000 steps", RECIPES / "digits16_sid.yaml", ASSETS / "pipelines" / "digits16", 1),
+    # SlimFlow (docs/slimflow.md): students with 0.245x the teacher's parameters; pairs first (recipe headers)
+    ("slimflow stage 1: annealed 2-RF, Euler-1", RECIPES / "digits16_slimflow_reflow.yaml", None, 1),
+    ("plain reflow 2-RF (ablation), Euler-1", RECIPES / "digits16_plainflow_reflow.yaml", None, 1),
+    ("slimflow: anneal + guided distill", RECIPES / "digits16_slimflow.yaml", None, 1),
+    ("plain reflow + pair distill (ablation)", RECIPES / "digits16_plainflow.yaml", None, 1),
 ]
 
 
