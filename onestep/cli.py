@@ -243,6 +243,8 @@ def _add_pairs(sub):
     p.add_argument("--out", required=True, help="output folder (pairs_XXXXXX.safetensors + pairs.json)")
     p.add_argument("-n", "--num", type=int, required=True, help="number of pairs")
     p.add_argument("--steps", type=int, default=50, help="Euler steps of the teacher's ODE (default 50)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler",
+                   help="euler (DDIM for DDPM teachers) or heun (Karras et al. 2022, 2 network calls per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="samples per teacher call")
     p.add_argument("--shard-size", type=int, default=1024, help="pairs per shard file (the unit of resume)")
@@ -263,7 +265,7 @@ def _run_pairs(args):
                          "unconditional and class-conditional teachers")
     from accelerate import PartialState
 
-    from .sampling.samplers import sample_euler, teacher_sigmas
+    from .sampling.samplers import sample_euler, sample_heun, teacher_sigmas
 
     device = PartialState().device
     teacher = load_teacher(args.teacher).to(device)
@@ -271,10 +273,10 @@ def _run_pairs(args):
 
     def sample_fn(noise, class_labels):
         cond = {} if class_labels is None else {"class_labels": class_labels}
-        return sample_euler(teacher, noise, sigmas, **cond)
+        return (sample_heun if args.sampler == "heun" else sample_euler)(teacher, noise, sigmas, **cond)
 
     local = Path(args.teacher)
-    source = {"teacher": str(local.resolve()) if local.is_dir() else args.teacher, "sampler": "euler",
+    source = {"teacher": str(local.resolve()) if local.is_dir() else args.teacher, "sampler": args.sampler,
               "steps": args.steps}
     result = write_pairs(sample_fn, teacher.sample_shape, args.num, args.out, num_classes=teacher.num_classes,
                          seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size, source=source)

@@ -230,3 +230,23 @@ def test_stages_chain_through_folders(tiny_teacher_dir, tmp_path, one_thread, ca
     pipe = load_pipeline(tmp_path / "distill" / "pipeline")
     assert isinstance(pipe, OneStepPipeline) and count_parameters(pipe.network) == small
     assert pipe.card["parameters"] == small and pipe.scheduler.config._class_name == "FlowMatchEulerDiscreteScheduler"
+
+
+# --- the pair sampler ---------------------------------------------------------------------------------------------
+def test_heun_pairs_are_closer_to_the_exact_ode_than_euler():
+    """Gaussian data N(0, s^2): D(x, sigma) = x s^2 / (s^2 + sigma^2) and the exact PF-ODE end point from x at
+    sigma_0 is x s / sqrt(s^2 + sigma_0^2)."""
+    from onestep.sampling.samplers import sample_heun
+
+    s2 = 0.25
+    denoise = lambda x, sigma, **c: x * s2 / (s2 + sigma**2)  # noqa: E731
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = {}
+    for n in (12, 24):
+        sigmas = torch.cat([torch.logspace(math.log10(80), math.log10(0.01), n, dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64)])
+        exact = noise * sigmas[0] * math.sqrt(s2) / torch.sqrt(s2 + sigmas[0] ** 2)
+        errors[n] = [(sampler(denoise, noise, sigmas) - exact).abs().max().item() for sampler in (sample_euler,
+                                                                                                  sample_heun)]
+    assert errors[24][1] < errors[24][0] / 3                       # Heun beats Euler at the same steps
+    assert errors[12][1] / errors[24][1] > 3.5 > 2.5 > errors[12][0] / errors[24][0]   # 2nd vs 1st order
