@@ -105,7 +105,8 @@ def run_speed(args) -> dict:
               "bar_sqrt_param_ratio": (params["full"] / params["slimflow"]) ** 0.5, "threads": torch.get_num_threads()}
     print(f"one-step images/s at batch 250, median of {args.repeats} alternating rounds, {result['threads']} thread(s)")
     for k in pipes:
-        print(f"  {k:9} {params[k]:>9,} params  {med[k]:8.1f} img/s   ({args.student if k == 'slimflow' else args.full})")
+        folder = args.student if k == "slimflow" else args.full
+        print(f"  {k:9} {params[k]:>9,} params  {med[k]:8.1f} img/s   ({folder})")
     print(f"  speed-up {result['speedup']:.2f}x; the bar sqrt(param ratio) = {result['bar_sqrt_param_ratio']:.2f}x: "
           f"{'met' if result['speedup'] >= result['bar_sqrt_param_ratio'] else 'NOT met'}")
     return result

@@ -7,7 +7,8 @@ Zhu, Liu, Liu, "SlimFlow: Training Smaller One-Step Diffusion Models with Rectif
 1. `slimflow_reflow` -- annealing reflow (paper eq. 9): a small rectified flow v trained *from scratch* on the pairs,
    with the noise end blended with fresh noise xi by a coefficient beta annealed from 1 to 0,
 
-       z_beta = sqrt(1 - beta_k^2) z + beta_k xi,   x_tau = (1 - tau) x + tau z_beta,   L = || v(x_tau, tau) - (z_beta - x) ||^2
+       z_beta = sqrt(1 - beta_k^2) z + beta_k xi,   x_tau = (1 - tau) x + tau z_beta,
+       L = || v(x_tau, tau) - (z_beta - x) ||^2
 
    (beta = 1: a 1-rectified flow on the teacher's samples; beta = 0: plain reflow), optionally with the same
    horizontal flip of both ends of a pair. Its export is a flow-matching teacher folder
@@ -229,7 +230,8 @@ class SlimFlowReflow(Method):
             x, z_beta = flip_pairs(x, z_beta, torch.rand(len(x), generator=ctx.rng, device=x.device) < 0.5)
         schedule = self.student.schedule
         tau_max = schedule.sigma_max / (1 + schedule.sigma_max)  # the student's largest trained flow time
-        tau = self.config.tau_min + torch.rand(len(x), generator=ctx.rng, device=x.device) * (tau_max - self.config.tau_min)
+        tau_min = self.config.tau_min
+        tau = tau_min + torch.rand(len(x), generator=ctx.rng, device=x.device) * (tau_max - tau_min)
         sigma = sigma_of_tau(tau)
         # D(x + sigma z_beta, sigma) - x = -tau (v_hat - (z_beta - x)): the flow-matching loss through the VE view
         x0_hat = ctx.net("model")(x + sigma.reshape(-1, *[1] * (x.dim() - 1)) * z_beta, sigma, **batch.cond)
