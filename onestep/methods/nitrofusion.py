@@ -71,6 +71,9 @@ class NitroFusionConfig(MethodConfig):
     crop_fraction: float = Field(0.5, gt=0, le=1, description="local heads' crop side / sample side")
     refresh_fraction: float = Field(0.01, ge=0, le=1, description="share of the pool re-initialised per step "
                                     "(at least one head when > 0; 0: no refresh)")
+    skip_decoder: bool = Field(True, description="stop the backbone pass after the last feature layer (the UNet's "
+                               "up blocks never run; same features, about half the cost); false: the platform's "
+                               "full-pass feature taps")
     shared_disc_noise: bool = Field(False, description="real and fake get the same noise at t* (else independent)")
     gan_loss: Literal["non_saturating", "hinge", "relativistic"] = "non_saturating"
     # --- optimisation ---------------------------------------------------------------------------------------------
@@ -225,6 +228,10 @@ class HeadPool(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
+class _EncoderDone(Exception):
+    """Raised before the backbone's first up block: the heads have every feature they read."""
+
+
 def _crop(x: torch.Tensor, offsets: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Per-sample crops x[i, :, top_i:top_i+h, left_i:left_i+w] (offsets [B, 2] = (top, left))."""
     h, w = size
@@ -300,7 +307,7 @@ class NitroFusion(Method):
     def _feature_shapes(self, size) -> list[tuple[int, int, int]]:
         x = torch.zeros(1, self.sample_shape[0], *size, device=self._device())
         cond = {k: v[:1].to(x.device) for k, v in (self.data.cond or {}).items()}
-        _, feats = self.backbone(x, self.disc_sigmas[0], return_features=self.layers, **cond)
+        feats = self.features(x, self.disc_sigmas[0], **cond)
         for name, f in zip(self.layers, feats):
             if f.dim() != 4:
                 raise ValueError(f"method.feature_layers: layer {name!r} gives {tuple(f.shape)} activations; the "
@@ -406,13 +413,41 @@ class NitroFusion(Method):
             if task == "local_uncond" and self.teacher.uncond:
                 cond = {k: v.expand(len(x), *v.shape[1:]).to(x.device) for k, v in self.teacher.uncond.items()}
             with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-                _, feats = self.backbone(view, sigma, return_features=self.layers, **cond)
+                feats = self.features(view, sigma, **cond)
             out[task] = (feats, batch.cond)
         results = []
         for head in heads:
             feats, cond = out[head[0]]
             results.append(self._head(head)(feats[head[2]], cond))
         return results
+
+    def features(self, x, sigma, **cond) -> list[torch.Tensor]:
+        """The backbone's activations at `self.layers` (frozen teacher: gradients reach x, never its weights).
+        With skip_decoder, the pass stops where the decoder would start (`up_blocks`, after the mid block)."""
+        model = self.backbone.model
+        decoder = any(n.startswith(("up_blocks", "conv_norm_out", "conv_out")) for n in self.layers)
+        stop_at = getattr(model, "up_blocks", None) if self.config.skip_decoder and not decoder else None
+        if stop_at is None or not len(stop_at):
+            return self.backbone(x, sigma, return_features=self.layers, **cond)[1]
+        captured = {}
+
+        def keep(name):
+            return lambda module, inputs, output: captured.__setitem__(
+                name, output[0] if isinstance(output, tuple) else output)
+
+        def stop(module, inputs):
+            raise _EncoderDone
+
+        handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in dict.fromkeys(self.layers)]
+        handles.append(stop_at[0].register_forward_pre_hook(stop))
+        try:
+            self.backbone(x, sigma, **cond)
+        except _EncoderDone:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[name] for name in self.layers]
 
     def _head(self, index):
         head = self.pool[index]
