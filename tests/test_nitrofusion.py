@@ -49,7 +49,9 @@ def test_pool_indexes_every_task_level_timestep_and_slot(tiny_teacher_dir, tmp_p
     trainer = _trainer(tiny_teacher_dir, tmp_path, disc_timesteps=[10, 250, 500, 750], slots=4)
     method = trainer.method
     levels = len(method.layers)
-    assert method.layers == ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block"]
+    # the UNet's skip-connection tensors: 1 + (1 resnet + 1 downsampler) + 1 resnet + mid = 5 maps
+    assert method.layers == ["conv_in", "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0",
+                             "down_blocks.1.resnets.0", "mid_block"]
     assert len(method.pool) == 3 * 4 * levels * 4 == 48 * levels
     expected = set(itertools.product(("global_cond", "local_cond", "local_uncond"), range(4), range(levels), range(4)))
     assert set(method.pool.index) == expected and len(set(method.pool.heads)) == len(expected)

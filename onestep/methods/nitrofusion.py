@@ -62,8 +62,10 @@ class NitroFusionConfig(MethodConfig):
                                         "noise levels in teacher timesteps (one drawn per step)")
     tasks: list[Literal[TASKS]] = Field(list(TASKS), min_length=1)
     slots: int = Field(4, ge=1, description="heads per (task, t*, level): one is drawn per step")
-    feature_layers: list[str] | None = Field(None, description="teacher layers read by the heads (default: conv_in, "
-                                             "every down block, the mid block)")
+    feature_layers: Literal["skips", "blocks"] | list[str] = Field(
+        "skips", description="teacher layers the heads read: 'skips' = conv_in, every skip-connection tensor of the "
+        "down blocks (each resnet / attention output, each downsampler) and the mid block (10 maps for SDXL, the "
+        "paper's); 'blocks' = conv_in, each down block's output, the mid block; or a list of layer names")
     head_width: int = Field(64, ge=1, description="channels inside a head (1x1 in-projection from the feature map)")
     head_downsamples: int = Field(2, ge=0, description="most 4x4 stride-2 conv + GroupNorm + SiLU blocks per head "
                                   "(fewer on small maps: down to 4x4)")
@@ -119,6 +121,27 @@ def step_timesteps(num_train_timesteps: int, max_steps: int, grid: str) -> list[
 def shifted(tau: int, shift: float) -> int:
     """The paper's timestep shift e(tau) = floor(tau * shift / 1000) (TimestepShiftLCMScheduler)."""
     return int(math.floor(tau * shift / 1000))
+
+
+def encoder_layers(denoiser, which) -> list[str]:
+    """The backbone layers the heads read (see NitroFusionConfig.feature_layers)."""
+    if not isinstance(which, str):
+        return list(which)
+    model = denoiser.model
+    blocks = list(getattr(model, "down_blocks", None) or [])
+    if not blocks or getattr(model, "mid_block", None) is None:
+        raise ValueError(f"method.feature_layers: {type(model).__name__} has no UNet encoder (down_blocks, mid_block); "
+                         f"list layer names from {denoiser.feature_layers()}")
+    if which == "blocks":
+        return ["conv_in"] + [f"down_blocks.{i}" for i in range(len(blocks))] + ["mid_block"]
+    names = ["conv_in"]
+    for i, block in enumerate(blocks):   # the tensors a UNet's down path hands to its up path (its skip connections)
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            names.append(f"down_blocks.{i}.attentions.{j}" if attentions is not None and len(attentions) > j
+                         else f"down_blocks.{i}.resnets.{j}")
+        names += [f"down_blocks.{i}.downsamplers.{k}" for k in range(len(getattr(block, "downsamplers", None) or []))]
+    return names + ["mid_block"]
 
 
 class NitroGenerator(nn.Module):
@@ -261,8 +284,7 @@ class NitroFusion(Method):
         self.gen = NitroGenerator(trainable_copy(teacher.denoiser, config.generator_network), sigma_rows,
                                   self.timestep_rows, config.shift)
         self.disc_sigmas = [self._sigma(t) for t in config.disc_timesteps]
-        self.layers = list(config.feature_layers or [n for n in self.backbone.feature_layers()
-                                                     if not n.startswith("transformer_blocks")])
+        self.layers = encoder_layers(self.backbone, config.feature_layers)
         self.gan = GANLoss(config.gan_loss)
         self.cond_kind, cond_dim = self._head_conditioning(data)
         _, h, w = self.sample_shape
