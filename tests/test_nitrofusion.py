@@ -209,3 +209,17 @@ def test_two_processes_train_the_same_heads_and_only_those(tiny_teacher_dir, tmp
     keyed = {fresh.key(*index): i for i, index in enumerate(fresh.index)}
     moved = {keyed[k.split(".")[2]] for k in keys if not torch.equal(a[k], initial[k[len("pool."):]])}
     assert moved == drawn
+
+
+def test_pool_on_cpu_stays_in_host_memory_and_trains_the_same(tiny_teacher_dir, tmp_path, one_thread):
+    trainers = [_trainer(tiny_teacher_dir, tmp_path / str(on_cpu), steps=2, pool_on_cpu=on_cpu)
+                for on_cpu in (False, True)]
+    for trainer in trainers:
+        trainer.train()
+    a, b = (t.method.pool.state_dict() for t in trainers)
+    assert all(torch.equal(a[k], b[k]) for k in a)   # the drawn heads' copies carry the gradients back
+    pool = trainers[1].method.pool
+    pool.to("meta")                                   # a move to an accelerator leaves the pool where it is
+    assert all(p.device.type == "cpu" for p in pool.parameters())
+    trainers[0].method.pool.to("meta")
+    assert all(p.device.type == "meta" for p in trainers[0].method.pool.parameters())
