@@ -223,3 +223,19 @@ def test_pool_on_cpu_stays_in_host_memory_and_trains_the_same(tiny_teacher_dir, 
     assert all(p.device.type == "cpu" for p in pool.parameters())
     trainers[0].method.pool.to("meta")
     assert all(p.device.type == "meta" for p in trainers[0].method.pool.parameters())
+
+
+def test_step_zero_is_the_initial_one_step_export(tiny_teacher_dir, tiny_export_dir, tmp_path, one_thread):
+    """init_from a onestep export with the shift that puts step 1 at its sigma_init (2.5: timestep 440 of the DDPM
+    schedule, floor(999 * 441 / 1000) = 440): before training, the 1-step path is that export's generator."""
+    from onestep.pipelines import load_pipeline
+
+    recipe = _recipe(tiny_teacher_dir, tmp_path, shift=441)
+    recipe["init_from"] = {"generator": tiny_export_dir}
+    method = Trainer(config_from_dict(recipe)).method
+    export = load_pipeline(tiny_export_dir)
+    assert method.gen.sigma_init == pytest.approx(export.config.sigma_init, rel=1e-9)
+    z = torch.randn(4, *export.noise_shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    assert torch.allclose(method.sample(method.gen, z, 1, class_labels=labels).clamp(-1, 1),
+                          export.generate(z, 1, class_labels=labels), atol=1e-5)

@@ -39,6 +39,7 @@ from ..sampling.samplers import sample_euler, teacher_sigmas
 from .base import Batch, Method, MethodConfig, NetworkConfig, OptimizerConfig, frozen, trainable_copy
 
 TASKS = ("global_cond", "local_cond", "local_uncond")
+HISTORY = 10_000  # steps of drawn / refreshed head indices kept for inspection
 
 
 class NitroFusionConfig(MethodConfig):
@@ -352,6 +353,7 @@ class NitroFusion(Method):
         cfg = self.config
         heads = self.draw_heads(ctx.shared_rng)
         self.drawn.append([self.pool.index.index(h) for h in heads])
+        del self.drawn[:-HISTORY], self.refreshed[:-HISTORY]
         batch = self.prepare(batch, ctx)
         logs = {"stage": float(self.stage(ctx.step))}
         with frozen(self.pool):
