@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_fid(sub)
     _add_demo(sub)
     _add_recipes(sub)
+    _add_merge_weights(sub)
     try:
         args = parser.parse_args(argv)
     except _UsageError as err:
@@ -624,3 +625,28 @@ def _run_recipes(args):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- merge-weights ----------------------------------------------------------------------------------------------
+def _add_merge_weights(sub):
+    p = sub.add_parser("merge-weights", help="CUSTOM + (NITRO - BASE): move a distillation onto a custom fine-tune",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        NitroFusion's weight arithmetic (Chen et al. 2025, sec. 4.6): the change that distillation made to BASE
+        (NITRO - BASE) is added to CUSTOM, a fine-tune of the same BASE, and written to a new folder. Each input is
+        a safetensors folder (diffusers model or pipeline folder, onestep export; files matched by relative path) or
+        a .safetensors file; different tensor names or shapes are refused.
+          onestep merge-weights sd-base/unet nitro/unet my-finetune/unet --out merged/unet"""))
+    p.add_argument("base", type=_path, help="the base model the distillation started from")
+    p.add_argument("nitro", type=_path, help="the distilled model (started from BASE)")
+    p.add_argument("custom", type=_path, help="a fine-tune of BASE to receive the distillation")
+    p.add_argument("--out", required=True, type=_path, help="new output folder (or file)")
+    p.add_argument("--scale", type=_number(-100, 100), default=1.0, help="multiplier of NITRO - BASE (default 1)")
+    p.set_defaults(run=_run_merge_weights)
+
+
+def _run_merge_weights(args):
+    from .merge import merge_weights
+
+    counts = merge_weights(args.base, args.nitro, args.custom, args.out, args.scale)
+    print(f"{args.out}: {counts['merged']} tensors merged ({counts['copied']} integer tensors copied from CUSTOM) in "
+          f"{counts['files']} file(s)")
