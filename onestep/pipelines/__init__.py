@@ -11,6 +11,7 @@ from .base import GeneratorPipeline
 from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
 from .teacher import TeacherPipeline
+from .controlled import ControlledOneStepPipeline  # noqa: E402,F401  (registers it; NCT's controlled generator)
 
 __all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]
