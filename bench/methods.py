@@ -38,6 +38,8 @@ ROWS = [
     ("uni_instruct dmd, 300 steps (quickstart)", RECIPES / "quickstart_digits16.yaml", None, 1),
     ("uni_instruct sid, 2000 steps", RECIPES / "digits16_sid.yaml", ASSETS / "pipelines" / "digits16", 1),
 ]
+# NCT (recipes/digits16_nct_*.yaml) adds controls to the shipped generator rather than distilling one; its table
+# (control consistency and FD of the base, NCT and the regression baseline, per control) is `python bench/nct.py`.
 
 
 def _output_dir(recipe: Path) -> Path:

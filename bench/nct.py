@@ -95,12 +95,29 @@ def picture(path: Path, data, pipes: dict) -> None:
     canvas.save(path, optimize=True)
 
 
+def from_checkpoint(ema_file: Path, control):
+    """A controlled pipeline from a run still training: the base plus the EMA adapter of its latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from onestep.adapters import make_adapter
+    from onestep.pipelines import ControlledOneStepPipeline
+
+    base = load_pipeline(BASE)
+    adapter = make_adapter(base.unet, control.channels(base.noise_shape[0]))
+    adapter.load_state_dict(load_file(ema_file))
+    pipe = ControlledOneStepPipeline.from_generator(base.one_step_generator, base.scheduler, base.card)
+    pipe.add_adapter(adapter, control.spec)
+    return pipe
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--num-samples", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--png", type=Path, default=None, help="also write the comparison picture here")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="score runs without an export from their latest checkpoint's EMA adapter")
     args = parser.parse_args(argv)
     if args.num_samples < 2 or args.seeds < 1:
         parser.error("-n must be >= 2 and --seeds >= 1")
@@ -116,6 +133,10 @@ def main(argv=None) -> int:
             if (folder / "model_index.json").is_file():
                 pipes[(name, key)] = load_pipeline(folder)
                 rows.append((label, pipes[(name, key)], True, str(folder)))
+            elif args.checkpoints and sorted(Path(run).glob("checkpoints/step_*/ema.safetensors")):
+                ema = sorted(Path(run).glob("checkpoints/step_*/ema.safetensors"))[-1]
+                pipes[(name, key)] = from_checkpoint(ema, control)
+                rows.append((label + f" @{ema.parent.name}", pipes[(name, key)], True, str(ema)))
             else:
                 results.append({"control": name, "row": label, "source": f"missing: {folder}"})
         for label, pipe, use, source in rows:
