@@ -49,6 +49,8 @@ ROWS = [
     ("slimflow: anneal + guided distill", RECIPES / "digits16_slimflow.yaml", None, 1),
     ("plain reflow + pair distill (ablation)", RECIPES / "digits16_plainflow.yaml", None, 1),
 ]
+# NCT (recipes/digits16_nct_*.yaml) adds controls to the shipped generator rather than distilling one; its table
+# (control consistency and FD of the base, NCT and the regression baseline, per control) is `python bench/nct.py`.
 
 
 def _output_dir(recipe: Path) -> Path:

@@ -349,6 +349,12 @@ def _add_sample(sub):
                    help="--filter keep: candidates per kept sample, 1..4 (default 1.25)")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="--filter: the diffusers teacher folder the probe denoises with (default: the model card's)")
+    # NCT's controlled generators (ControlledOneStepPipeline): the control image(s), grid PNG only
+    p.add_argument("--control", default=None, metavar="IMAGE_OR_FOLDER", type=_path,
+                   help="control image for a pipeline with control adapters (NCT): one image for every sample, or a "
+                        "folder of images used in name order, sample i taking image i mod their number")
+    p.add_argument("--control-from-image", action="store_true",
+                   help="--control holds ordinary images: compute the control maps with the pipeline's control model")
     p.set_defaults(run=_run_sample)
 
 
@@ -427,6 +433,8 @@ def _run_sample(args):
             raise ValueError(f"--filter: {type(pipe).__name__} does not support the hallucination filter (it needs a "
                              "one-step denoiser of the generator's samples)")
         return _sample_filtered(pipe, args, hal_filter, total)
+    if not grid and args.control is not None:
+        raise ValueError("--control writes one grid PNG (--out FILE.png); numbered PNGs in a folder take no control")
     if not grid:
         result = bulk.sample_to_folder(pipe, args.out, args.num, seed=args.seed, steps=args.steps,
                                        batch_size=args.batch_size, source=args.pipeline)
@@ -435,9 +443,39 @@ def _run_sample(args):
         return 0
     generator = torch.Generator().manual_seed(args.seed)  # as pipe(batch_size=n, generator=seed) draws
     noise = randn_tensor((args.num, *pipe.noise_shape), generator=generator, dtype=torch.float32)
-    x = pipe.generate(noise, args.steps, generator=generator)
+    x = pipe.generate(noise, args.steps, generator=generator, **_control_inputs(pipe, args, args.num))
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
+
+
+def _control_inputs(pipe, args, n: int) -> dict:
+    """`--control IMAGE_OR_FOLDER` as the pipeline's `control_image` for n samples ({} without --control)."""
+    from pathlib import Path
+
+    from .data.images import open_image
+
+    if args.control is None:
+        if args.control_from_image:
+            raise ValueError("--control-from-image needs --control IMAGE_OR_FOLDER")
+        return {}
+    if "control_image" not in pipe.extra_inputs:
+        raise ValueError(f"--control: {args.pipeline} has no control adapter (a {type(pipe).__name__}); pass the "
+                         "pipeline/ folder of an NCT run")
+    source = Path(args.control)
+    if source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.is_file() and _image_suffix(str(f)))
+        if not files:
+            raise ValueError(f"--control {source}: the folder holds no images (.png, .jpg, ...)")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise ValueError(f"--control {source}: no such image or folder")
+    images = [open_image(f, "RGB") for f in files]
+    images = [images[i % len(images)] for i in range(n)]
+    if len(pipe.adapters) > 1:
+        raise ValueError("--control: this pipeline has several adapters; call it from Python with one control per "
+                         "adapter (control_image=[...])")
+    return {"control_image": pipe.extract_control(images) if args.control_from_image else images}
 
 
 def _check_grid_target(out, with_scores: bool) -> None:

@@ -12,6 +12,7 @@ from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
 from .teacher import TeacherPipeline
 from .nitrofusion import NitroFusionPipeline  # noqa: E402,F401  (registers NitroFusion's few-step export)
+from .controlled import ControlledOneStepPipeline  # noqa: E402,F401  (registers it; NCT's controlled generator)
 
 __all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]
