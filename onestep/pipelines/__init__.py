@@ -11,6 +11,7 @@ from .base import GeneratorPipeline
 from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
 from .teacher import TeacherPipeline
+from .oms import OMSPipeline  # noqa: E402,F401  (registers One More Step)
 
 __all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]
