@@ -133,10 +133,14 @@ class WordEncoder(ModelMixin, ConfigMixin):
         self.position = nn.Parameter(torch.zeros(max_length, hidden_size))
         nn.init.normal_(self.embed.weight, std=1.0)
 
+    @staticmethod
+    def words(prompt: str) -> list[str]:
+        return re.findall(r"[\w'-]+", prompt.lower())
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = torch.zeros(len(prompts), self.config.max_length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            words = re.findall(r"[\w'-]+", prompt.lower())
+            words = self.words(prompt)
             unknown = [w for w in words if w not in self.index]
             if unknown:
                 raise ValueError(f"oms_prompt {prompt!r}: word(s) {', '.join(unknown)} are not in this OMS module's "
