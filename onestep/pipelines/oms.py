@@ -236,12 +236,12 @@ class OMSWrapper:
     def __init__(self, oms: OMSPipeline, base):
         parameters = inspect.signature(base.__call__).parameters
         name = type(base).__name__
-        if "latents" not in parameters:
-            raise ValueError(f"{name} takes no latents=, so OMS cannot hand it x_T; open a diffusers folder without "
-                             "text with onestep.pipelines.load_pipeline (TeacherPipeline) and wrap that")
         if "strength" in parameters:
             raise ValueError(f"{name} starts from an image (strength < 1), not from pure noise: OMS does not apply "
                              "to img2img / inpainting")
+        if "latents" not in parameters:
+            raise ValueError(f"{name} takes no latents=, so OMS cannot hand it x_T; open a diffusers folder without "
+                             "text with onestep.pipelines.load_pipeline (TeacherPipeline) and wrap that")
         target_alpha_bar(base.scheduler)  # flow matching refused, in one line
         network = getattr(base, "unet", None) or getattr(base, "transformer", None)
         check_latent_space(oms.oms_module, oms.config.oms_latent_space, network.config.in_channels,
