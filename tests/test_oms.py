@@ -111,6 +111,7 @@ def test_module_and_word_encoder_round_trip(tmp_path):
 
 
 # --- 5. the optimum is the conditional mean -------------------------------------------------------------------------
+@pytest.mark.slow  # ~30 s on one thread
 def test_trained_psi_is_minus_the_conditional_mean(tiny_teacher_dir, one_thread):
     """z0 = m_c + 0.3 noise (m = -0.8 dark, +0.8 bright) on the tiny teacher's 1x8x8 space; 150 steps of the
     method's own loss: -psi(eps, c) has spatial mean m_c and hardly depends on eps."""
