@@ -37,6 +37,9 @@ ROWS = [
     ("teacher (dsm, DDIM-50)", RECIPES / "pretrain_digits16.yaml", DIGITS_TEACHER, 50),
     ("uni_instruct dmd, 300 steps (quickstart)", RECIPES / "quickstart_digits16.yaml", None, 1),
     ("uni_instruct sid, 2000 steps", RECIPES / "digits16_sid.yaml", ASSETS / "pipelines" / "digits16", 1),
+    # One More Step in front of the flawed digits_brightness teacher (empty OMS prompt; the brightness numbers with
+    # and without OMS: python bench/oms_brightness.py)
+    ("oms + flawed teacher (DDIM-20)", RECIPES / "digits16_oms.yaml", ASSETS / "pipelines" / "digits16_oms", 20),
 ]
 
 
