@@ -307,3 +307,18 @@ def test_protocol_pipeline_is_a_pure_function_and_oms_prompt_steers(one_thread):
     assert not torch.equal(a, pipe.generate_latents(noise, 2, class_labels=[1, 2, 3, 4], oms_prompt="dark"))
     with pytest.raises(ValueError, match="oms_prompts for 4 samples"):
         pipe.generate_latents(noise, 2, oms_prompt=["dark", "bright"])
+
+
+def test_cli_sample_takes_base_and_oms_prompt(tiny_teacher_dir, tmp_path, one_thread, capsys):
+    from onestep.cli import main
+
+    folder = tmp_path / "oms"
+    OMSPipeline(**OMSPipeline.dummy_components()).save_pretrained(folder)
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(folder), "--base", tiny_teacher_dir, "--steps", "2", "-n", "4", "--out", str(out),
+                 "--oms-prompt", "bright", "--oms-guidance-scale", "2"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert main(["sample", tiny_teacher_dir, "--base", str(folder), "--steps", "2", "-n", "4",
+                 "--out", str(tmp_path / "other.png")]) != 0
+    assert "apply to One More Step pipelines" in capsys.readouterr().err
