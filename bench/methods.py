@@ -48,6 +48,9 @@ ROWS = [
     ("plain reflow 2-RF (ablation), Euler-1", RECIPES / "digits16_plainflow_reflow.yaml", None, 1),
     ("slimflow: anneal + guided distill", RECIPES / "digits16_slimflow.yaml", None, 1),
     ("plain reflow + pair distill (ablation)", RECIPES / "digits16_plainflow.yaml", None, 1),
+    # One More Step in front of the flawed digits_brightness teacher (empty OMS prompt; the brightness numbers with
+    # and without OMS: python bench/oms_brightness.py)
+    ("oms + flawed teacher (DDIM-20)", RECIPES / "digits16_oms.yaml", ASSETS / "pipelines" / "digits16_oms", 20),
 ]
 # NCT (recipes/digits16_nct_*.yaml) adds controls to the shipped generator rather than distilling one; its table
 # (control consistency and FD of the base, NCT and the regression baseline, per control) is `python bench/nct.py`.

@@ -355,7 +355,30 @@ def _add_sample(sub):
                         "folder of images used in name order, sample i taking image i mod their number")
     p.add_argument("--control-from-image", action="store_true",
                    help="--control holds ordinary images: compute the control maps with the pipeline's control model")
+    # One More Step (onestep/pipelines/oms.py): an OMS pipeline in front of another base, steered by a prompt
+    p.add_argument("--base", default=None, metavar="PIPELINE",
+                   help="OMS pipelines: put the OMS module in front of this diffusion teacher folder instead")
+    p.add_argument("--oms-prompt", default=None, metavar="TEXT", help="OMS pipelines: the low-frequency prompt "
+                   "(e.g. dark, bright; grid PNG only)")
+    p.add_argument("--oms-guidance-scale", type=_number(0.0, 50.0), default=None, metavar="W",
+                   help="OMS pipelines: classifier-free guidance of the OMS step (grid PNG only)")
     p.set_defaults(run=_run_sample)
+
+
+def _oms_options(pipe, args):
+    """(pipeline, extra generate() inputs) for --base / --oms-prompt / --oms-guidance-scale."""
+    from .pipelines import load_pipeline
+
+    extras = {k: v for k, v in (("oms_prompt", getattr(args, "oms_prompt", None)),
+                                ("oms_guidance_scale", getattr(args, "oms_guidance_scale", None))) if v is not None}
+    if (getattr(args, "base", None) or extras) and not hasattr(pipe, "wrap"):
+        raise ValueError(f"--base / --oms-prompt / --oms-guidance-scale apply to One More Step pipelines (OMSPipeline); "
+                         f"{type(pipe).__name__} is not one")
+    if getattr(args, "base", None):
+        base = load_pipeline(args.base)
+        pipe = pipe.wrap(base)
+        pipe.set_progress_bar_config(disable=True)
+    return pipe, extras
 
 
 FILTER_FORMS = "keep, quantile:Q (0 < Q <= 1) or threshold:T (a number >= 0)"
@@ -422,6 +445,9 @@ def _run_sample(args):
         hal_filter, total = parse_filter(args.hal_filter, args.num, args.oversample)
     pipe = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
+    pipe, extras = _oms_options(pipe, args)
+    if extras and not grid:
+        raise ValueError("--oms-prompt / --oms-guidance-scale: grid PNG only (--out FILE.png)")
     if not 1 <= args.steps <= pipe.max_inference_steps:
         raise ValueError(f"--steps must be 1..{pipe.max_inference_steps} network evaluations per sample, got "
                          f"{args.steps}; use 1 for the one-step generator")
@@ -443,7 +469,7 @@ def _run_sample(args):
         return 0
     generator = torch.Generator().manual_seed(args.seed)  # as pipe(batch_size=n, generator=seed) draws
     noise = randn_tensor((args.num, *pipe.noise_shape), generator=generator, dtype=torch.float32)
-    x = pipe.generate(noise, args.steps, generator=generator, **_control_inputs(pipe, args, args.num))
+    x = pipe.generate(noise, args.steps, generator=generator, **extras, **_control_inputs(pipe, args, args.num))
     save_samples(x, Path(args.out))
     print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s))")
 
@@ -589,6 +615,8 @@ def _add_fid(sub):
                    help="where torch-fidelity keeps its datasets (default $TORCH_HOME/fidelity_datasets)")
     p.add_argument("--json", action="store_true", help="print one JSON object (numbers + protocol) instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--base", default=None, metavar="PIPELINE",
+                   help="input1 an OMS pipeline: put its OMS module in front of this diffusion teacher folder")
     p.set_defaults(run=_run_fid)
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-TEACHER_KINDS = ("diffusion", "one_step", "autoregressive", "none")
+TEACHER_KINDS = ("diffusion", "one_step", "autoregressive", "none", "latents")
 
 
 @dataclass
@@ -91,6 +91,27 @@ class DiffusionTeacher(_Bundle):
             raise ValueError("teacher.guidance_scale needs a text-conditional teacher (its empty-prompt embedding is "
                              "the unconditional branch); set it to 1")
         self.denoiser = GuidedDenoiser(self.denoiser, guidance_scale, self.uncond)
+
+
+@dataclass
+class LatentSpaceTeacher(DiffusionTeacher):
+    """kind "latents": a diffusion teacher folder of which a method uses only the space its samples live in (the
+    VAE of a latent model) and, frozen and never called, its network for the export (One More Step trains a module
+    in front of the frozen base). Rows keep their own captions / labels: the method conditions its own network."""
+
+    kind: ClassVar[str] = "latents"
+
+    def prepare_data(self, data, device) -> None:
+        if data.x is None:
+            raise ValueError(f"dataset {data.name!r} has no images; a latents teacher needs images to encode")
+        if self.latents is not None:
+            data.x = self.latents.encode(data.x.to(device)).cpu()
+        want, have = tuple(self.sample_shape), tuple(data.x.shape[1:])
+        if want != have:
+            raise ValueError(f"teacher samples have shape {want} but dataset {data.name!r} has {have}; set "
+                             f"data.resolution / data.channels to match the teacher")
+        data.cond = {"class_labels": data.labels} if self.num_classes and data.labels is not None else {}
+        self.uncond = None
 
 
 @dataclass
@@ -165,6 +186,8 @@ def open_teacher(spec, kind: str, device, data=None):
         bundle.prepare_data(data, device)
     if kind == "diffusion":
         bundle.with_guidance(spec.guidance_scale)
+    elif kind == "latents" and spec.guidance_scale != 1.0:
+        raise ValueError("teacher.guidance_scale: a latents teacher is never sampled during training; set it to 1")
     elif spec.guidance_scale != 1.0:
         raise ValueError(f"teacher.guidance_scale applies to diffusion teachers; a {kind} teacher takes its own "
                          "guidance setting in the method section")
@@ -197,7 +220,9 @@ def _open_pipeline_folder(spec, kind: str, device, dtype):
     if prompts is not None:
         edges.update(prompts.components, prompt_pipeline=type(prompts.pipeline).__name__)
     latents = LatentSpace(vae).to(device) if vae is not None else None
-    if kind == "one_step":
+    if kind == "latents":
+        bundle = LatentSpaceTeacher(path=spec.path, latents=latents, prompts=prompts, edges=edges, denoiser=denoiser)
+    elif kind == "one_step":
         bundle = OneStepSource(path=spec.path, latents=latents, prompts=prompts, edges=edges, generator=generator)
     else:
         bundle = DiffusionTeacher(path=spec.path, latents=latents, prompts=prompts, edges=edges, denoiser=denoiser)

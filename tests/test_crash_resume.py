@@ -80,7 +80,7 @@ def _step_of(path: Path) -> int:
 
 @pytest.mark.parametrize("method", sorted(n for n, c in available_methods().items() if c.__module__.startswith("onestep.")))
 def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tiny_export_dir, tmp_path):
-    teachers = {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None}
+    teachers = {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None, "latents": tiny_teacher_dir}
     rng = random.Random(f"crash-resume-{method}")
     kill_in_save = rng.randint(2, STEPS - 2)            # killed while checkpoint `kill_in_save` is being written
     kill_after = rng.randint(kill_in_save, STEPS - 1)    # killed mid-run once checkpoint `kill_after` exists

@@ -10,7 +10,7 @@ from test_method_contract import contract_cases, contract_recipe
 
 @pytest.fixture(scope="module")
 def teachers(tiny_teacher_dir, tiny_export_dir):
-    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None}
+    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None, "latents": tiny_teacher_dir}
 
 
 @pytest.mark.parametrize("name,variant", contract_cases())

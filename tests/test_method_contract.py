@@ -44,7 +44,7 @@ def contract_recipe(name: str, variant, teachers: dict, out, steps: int = STEPS,
 @pytest.fixture(scope="session")
 def teachers(tiny_teacher_dir, tiny_export_dir):
     """A tiny folder of each teacher kind a method may declare."""
-    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None}
+    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None, "latents": tiny_teacher_dir}
 
 
 def _final_tensors(out) -> dict[str, torch.Tensor]:

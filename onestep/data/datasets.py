@@ -21,7 +21,7 @@ from .shapes import SHAPES, SHAPES_DEFAULT_SAMPLES, generate_simple_shapes, pres
 from .toy2d import GRID_DEFAULT_SAMPLES, GRID_MODE_STD, gaussian_grid_modes, sample_gaussian_grid
 
 DATASETS: tuple[str, ...] = ("gaussian_grid", "digits", "shapes", "folder:<path>", "captions:<path>", "pairs:<path>",
-                             "prompts:<file.txt>", "classes:<K>", "none")
+                             "prompts:<file.txt>", "classes:<K>", "none", "digits_brightness", "shapes_brightness")
 MAX_PROMPT_CHARS = 2000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 DIGITS_DEFAULT_RESOLUTION = 16
@@ -276,6 +276,9 @@ def load_dataset(
         if channels is not None:
             raise ValueError("gaussian_grid: points have no channels; remove data.channels")
         return load_gaussian_grid(num_samples, seed)
+    if name in ("digits_brightness", "shapes_brightness"):
+        base = load_dataset(name.split("_")[0], resolution, num_samples, seed, channels)
+        return with_random_brightness(base, seed)
     if name == "digits":
         return _with_channels(_subset(load_digits_images(resolution), num_samples, seed), channels)
     if name == "shapes":
@@ -283,3 +286,23 @@ def load_dataset(
     from ..checks import shown
 
     raise ValueError(f"unknown dataset {shown(name)}; set data.name to one of: {', '.join(DATASETS)}")
+
+
+BRIGHTNESS_RANGE = (0.5, 0.85)   # |per-image mean| of the *_brightness datasets
+BRIGHTNESS_CONTRAST = 0.3        # how much of the original image rides on that mean
+
+
+def with_random_brightness(data: TensorData, seed: int = 0) -> TensorData:
+    """A random global brightness per image (the low-frequency content a schedule with terminal alpha-bar > 0 leaks,
+    Hu et al. 2024, One More Step): x = clamp(b + 0.3 (x - mean x), -1, 1) with b = +-U(0.5, 0.85) (sign equiprobable),
+    so per-image means cover [-0.85, -0.5] and [0.5, 0.85]. Labels are kept; each row gets the caption "bright" or
+    "dark" (the sign of its mean) as its prompt (`prompts`). Deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    n = len(data.x)
+    sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    lo, hi = BRIGHTNESS_RANGE
+    level = sign * (lo + (hi - lo) * torch.rand(n, generator=g))
+    centred = data.x - data.x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (level.view(-1, 1, 1, 1) + BRIGHTNESS_CONTRAST * centred).clamp(-1.0, 1.0)
+    prompts = ["bright" if m > 0 else "dark" for m in x.mean(dim=(1, 2, 3)).tolist()]
+    return replace(data, x=x, prompts=prompts, name=f"{data.name}_brightness")

@@ -77,6 +77,7 @@ class FidOptions:
     cache: bool = True
     datasets_root: str | None = None
     progress: bool = True
+    base: str | None = None              # input1 an OMS pipeline: the diffusion base it goes in front of
 
 
 # --- the whole measurement --------------------------------------------------------------------------------------
@@ -99,6 +100,10 @@ def compute_fid(options: FidOptions, accelerator=None) -> dict | None:
     for s in sources:
         if s.kind == "pipeline":
             _load_pipeline(s, acc.device)
+            if getattr(o, "base", None) and s is sources[0]:  # One More Step in front of another base
+                from ..cli import _oms_options
+
+                s.pipe = _oms_options(s.pipe, o)[0].to(acc.device)
             if o.steps > s.pipe.max_inference_steps:
                 raise ValueError(f"--steps must be 1..{s.pipe.max_inference_steps} network evaluations per sample "
                                  f"for {s.spec}, got {o.steps}")
@@ -304,7 +309,8 @@ def options_from_args(args) -> FidOptions:
                       steps=args.steps, sampling=args.sampling, batch_size=args.batch_size, extractor=args.extractor,
                       inception_weights=args.inception_weights, kid=args.kid, prc=args.prc, isc=args.isc,
                       resolution=args.resolution, cache_dir=args.cache_dir, cache=not args.no_cache,
-                      datasets_root=args.datasets_root, progress=not args.no_progress)
+                      datasets_root=args.datasets_root, progress=not args.no_progress,
+                      base=getattr(args, "base", None))
 
 
 def over_seeds(options: FidOptions, seeds: int, accelerator=None) -> dict | None:
