@@ -11,6 +11,7 @@ from .base import GeneratorPipeline
 from .onestep import FilteredImagePipelineOutput, OneStepPipeline
 from .registry import available_pipelines, load_pipeline, register_pipeline, unregister_pipeline
 from .teacher import TeacherPipeline
+from .dd2 import DD2Pipeline  # noqa: E402,F401  (registers DD2Pipeline: issue 16)
 
 __all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]
