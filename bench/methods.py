@@ -37,6 +37,9 @@ ROWS = [
     ("teacher (dsm, DDIM-50)", RECIPES / "pretrain_digits16.yaml", DIGITS_TEACHER, 50),
     ("uni_instruct dmd, 300 steps (quickstart)", RECIPES / "quickstart_digits16.yaml", None, 1),
     ("uni_instruct sid, 2000 steps", RECIPES / "digits16_sid.yaml", ASSETS / "pipelines" / "digits16", 1),
+    # issue 16: distils the AR teacher assets/teachers/digits16_ar, not the DDPM one (its teacher and the
+    # independent-token baseline: python bench/dd2.py); stage 1 first: onestep train recipes/dd2_digits16_gts.yaml
+    ("dd2 one-step (AR teacher digits16_ar)", RECIPES / "dd2_digits16.yaml", ASSETS / "pipelines" / "digits16_dd2", 1),
 ]
 
 

@@ -66,6 +66,9 @@ class DD2GroundTruthScoreConfig(_DD2Base):
     name: Literal["dd2_gts"] = "dd2_gts"
     prefix: Literal["teacher", "data"] = Field("teacher", description="prefixes: teacher samples (data-free) or the "
                                                "data's images encoded by the teacher's tokenizer")
+    prefix_pool: int = Field(0, ge=0, description="teacher prefixes: 0 draws fresh samples every step; N > 0 draws a "
+                             "pool of N (balanced labels, seed 0) once and picks rows from it (n sequential teacher "
+                             "steps per batch is most of a CPU step)")
     optimizer: OptimizerConfig = OptimizerConfig(lr=3e-4, betas=(0.9, 0.999))
 
 
@@ -135,6 +138,9 @@ class DD2GroundTruthScore(_TeacherLaw, Method):
         if config.prefix == "data" and data.x is None:
             raise ValueError(f"method.prefix: data needs images, but dataset {data.name!r} has none; use teacher")
         self.model = self.new_network()
+        self.pool = None
+        if config.prefix == "teacher" and config.prefix_pool:
+            self.pool = self._teacher_pool(config.prefix_pool)
 
     def trainable(self):
         return {"model": (self.model, self.config.optimizer)}
@@ -142,16 +148,32 @@ class DD2GroundTruthScore(_TeacherLaw, Method):
     def step(self, batch: Batch, ctx) -> dict[str, float]:
         return ctx.update("model", lambda b: self.loss(b, ctx), batch)
 
-    def prefixes(self, batch: Batch, ctx) -> torch.Tensor:
+    @torch.no_grad()
+    def _teacher_pool(self, size: int):
+        """(ids [N, n], labels [N] or None): teacher samples drawn once, deterministically."""
+        g = torch.Generator(device=self.codebook.device).manual_seed(0)
+        k = self.num_classes
+        labels = torch.arange(size, device=self.codebook.device) % k if k else None
+        ids = torch.cat([self.teacher.model.sample(None if labels is None else labels[i:i + 256], g,
+                                                   self.config.guidance_scale, self.config.temperature,
+                                                   self.config.top_k, batch_size=min(256, size - i))
+                         for i in range(0, size, 256)])
+        return ids, labels
+
+    def prefixes(self, batch: Batch, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prefix ids [B, n], their class labels)."""
         labels = batch.cond.get("class_labels")
         if self.config.prefix == "data":
-            return self.teacher.model.encode(batch.x)
+            return self.teacher.model.encode(batch.x), labels
+        if self.pool is not None:
+            ids, pool_labels = self.pool
+            rows = torch.randint(len(ids), (len(batch),), generator=ctx.rng, device=ids.device)
+            return ids[rows], None if pool_labels is None else pool_labels[rows]
         return self.teacher.model.sample(labels, ctx.rng, self.config.guidance_scale, self.config.temperature,
-                                         self.config.top_k, batch_size=len(batch))
+                                         self.config.top_k, batch_size=len(batch)), labels
 
     def loss(self, batch: Batch, ctx):
-        labels = batch.cond.get("class_labels")
-        ids = self.prefixes(batch, ctx)
+        ids, labels = self.prefixes(batch, ctx)
         log_p = self.teacher_log_probs(ids, labels)
         x0 = self.codebook[ids]
         t = self.noise_levels(ids.shape, ctx, x0.device)
@@ -166,7 +188,7 @@ class DD2GroundTruthScore(_TeacherLaw, Method):
     @classmethod
     def smoke_recipe(cls, teacher, variant=None):
         return {"teacher": teacher, "data": {"name": "digits", "resolution": 8},
-                "method": {"name": cls.name, "head": {"head_width": 16, "res_blocks": 1}}}
+                "method": {"name": cls.name, "head": {"head_width": 16, "res_blocks": 1}, "prefix_pool": 8}}
 
 
 class DD2(_TeacherLaw, Method):

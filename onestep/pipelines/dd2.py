@@ -88,6 +88,11 @@ class DD2Pipeline(GeneratorPipeline):
         return self.config.default_inference_steps
 
     @property
+    def network(self):
+        """The generator (what bench/ counts as the artifact's network)."""
+        return self.generator
+
+    @property
     def codebook(self) -> torch.Tensor:
         return self.vq.quantize.embedding.weight
 
