@@ -76,10 +76,15 @@ class DD2Config(_DD2Base):
     name: Literal["dd2"] = "dd2"
     alpha: float = Field(1.2, description="SiD alpha: (1 - alpha) ||D_T - D_F||^2 + (D_T - D_F).(D_F - q)")
     generator_loss_scale: float = Field(1.0, gt=0)
+    normalizer: Literal["position", "sample"] = Field("position", description="SiD's wf = mean |q - D_T| over one "
+                                                      "position's d dims, or over the whole sample (n x d, SiD's own "
+                                                      "per-image rule; steadier when d is small)")
     guidance_steps_per_generator_step: int = Field(1, ge=1)
     generator_start_step: int = Field(0, ge=0, description="guidance-network warm-up: no generator update before")
+    # the guidance network must track the generator's law: 10x the generator's step (equal steps oscillated
+    # between modes on the two-token toy of tests/test_dd2.py)
     generator_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4)
-    guidance_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4)
+    guidance_optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3)
 
 
 class _TeacherLaw:
@@ -249,7 +254,9 @@ class DD2(_TeacherLaw, Method):
         d_teacher = teacher_denoiser(x_t, t, log_p, self.codebook)
         d_guide = self.guidance(x_t, t, ids, labels)
         flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731  one "sample" per (b, i) position
-        wf = (q - d_teacher).abs().mean(-1).detach().clamp_min(1e-4).reshape(-1)
+        wf = (q - d_teacher).abs().detach()
+        wf = wf.mean(-1) if self.config.normalizer == "position" else wf.mean((1, 2))[:, None].expand(ids.shape)
+        wf = wf.clamp_min(1e-4).reshape(-1)
         per = self.sid(flat(q), flat(d_teacher), flat(d_guide), torch.ones_like(wf), wf, t.reshape(-1))
         per = per.reshape(ids.shape)
         logs = {"loss/csd": per.mean().item(), "csd/teacher_minus_guidance": (d_teacher - d_guide).norm(dim=-1)

@@ -67,7 +67,7 @@ class DD2Pipeline(GeneratorPipeline):
             for p in generator.parameters():
                 if not p.any():
                     p.normal_(0, 0.1)
-        return {"generator": generator, "vq": vq, "token_grid": [4, 4]}
+        return {"generator": generator.eval(), "vq": vq.eval(), "token_grid": [4, 4]}  # as from_pretrained gives
 
     # --- protocol facts -----------------------------------------------------------------------------------------
     @property
