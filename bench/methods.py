@@ -51,6 +51,9 @@ ROWS = [
     # One More Step in front of the flawed digits_brightness teacher (empty OMS prompt; the brightness numbers with
     # and without OMS: python bench/oms_brightness.py)
     ("oms + flawed teacher (DDIM-20)", RECIPES / "digits16_oms.yaml", ASSETS / "pipelines" / "digits16_oms", 20),
+    # DD2 distils the AR teacher assets/teachers/digits16_ar, not the DDPM one (its teacher and the
+    # independent-token baseline: python bench/dd2.py); stage 1 first: onestep train recipes/dd2_digits16_gts.yaml
+    ("dd2 one-step (AR teacher digits16_ar)", RECIPES / "dd2_digits16.yaml", ASSETS / "pipelines" / "digits16_dd2", 1),
 ]
 # NCT (recipes/digits16_nct_*.yaml) adds controls to the shipped generator rather than distilling one; its table
 # (control consistency and FD of the base, NCT and the regression baseline, per control) is `python bench/nct.py`.

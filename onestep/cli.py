@@ -12,6 +12,7 @@ onestep turns a multi-step diffusion teacher into a one-step generator.
   onestep train recipes/digits16_sid.yaml       run a recipe (any method, any diffusers teacher)
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset
+  onestep pretrain-ar --out DIR                 train a small VQ + GPT-2 auto-regressive teacher (DD2's)
   onestep pairs TEACHER --out DIR -n 10000      (noise, sample) pairs of a teacher's ODE, data: pairs:DIR
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png
   onestep sample runs/quickstart/pipeline -n 64 --out grid.png --filter keep    drop likely hallucinations
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_pretrain(sub)
+    _add_pretrain_ar(sub)
     _add_pairs(sub)
     _add_quickstart(sub)
     _add_sample(sub)
@@ -226,6 +228,35 @@ def _run_pretrain(args):
         overrides.append(f"data.resolution={args.resolution}")
     config = load_config(pretrain_recipe(args.data), overrides)
     _print_result(Trainer(config).train(), config.output_dir)
+
+
+# --- pretrain-ar (issue 16: the auto-regressive teacher DD2 distils) ----------------------------------------------
+def _add_pretrain_ar(sub):
+    p = sub.add_parser("pretrain-ar", help="train a small VQ tokenizer + GPT-2 auto-regressive teacher",
+                       formatter_class=_formatter, description=textwrap.dedent("""\
+        Train a small image auto-regressive teacher on built-in data (no download): a diffusers VQModel tokenizer
+        (16x16 -> 4x4 codes of a 64-entry codebook) and a class-conditional transformers GPT2LMHeadModel over the
+        codes (class token prefix, null class for guidance), saved as an AutoregressiveTeacher folder, the
+        teacher of `method: dd2` recipes. The shipped one is assets/teachers/digits16_ar."""))
+    p.add_argument("--data", default="digits", choices=["digits", "shapes"])
+    p.add_argument("--resolution", type=_whole(8, 256), default=16, help="image size (default 16)")
+    p.add_argument("--vq-steps", type=_whole(1), default=None, help="tokenizer training steps (default 800)")
+    p.add_argument("--lm-steps", type=_whole(1), default=None, help="transformer training steps (default 2000)")
+    p.add_argument("--codes", type=_whole(2, 65536), default=None, help="codebook size (default 64)")
+    p.add_argument("--seed", type=_whole(0), default=0)
+    p.add_argument("--out", required=True, type=_path, help="output folder (the teacher folder itself)")
+    p.set_defaults(run=_run_pretrain_ar)
+
+
+def _run_pretrain_ar(args):
+    from .pretrain_ar import PretrainARConfig, pretrain_ar
+
+    cfg = PretrainARConfig(data=args.data, resolution=args.resolution, seed=args.seed)
+    for field, value in (("vq_steps", args.vq_steps), ("lm_steps", args.lm_steps), ("codes", args.codes)):
+        if value is not None:
+            setattr(cfg, field, value)
+    pretrain_ar(args.out, cfg)
+    print(f"teacher: {args.out}")
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------

@@ -178,14 +178,7 @@ class AutoregressiveTeacher(nn.Module):
         if emb.dim() != 3 or emb.shape[1] != self.seq_len or emb.shape[2] != self.codebook.shape[1]:
             raise ValueError(f"embeddings must be [B, {self.seq_len}, {self.codebook.shape[1]}], got "
                              f"{list(emb.shape)}")
-        z = emb.reshape(len(emb), h, w, -1).permute(0, 3, 1, 2).to(self.codebook.dtype)
-        if self.vq.config.get("lookup_from_codebook"):
-            # VQModel.decode would read z as code ids there; its own two steps after the lookup, on vectors:
-            quant = self.vq.post_quant_conv(z)
-            images = self.vq.decoder(quant, z if self.vq.config.norm_type == "spatial" else None)
-        else:
-            images = self.vq.decode(z, force_not_quantize=True).sample
-        return images.float().clamp(-1, 1)
+        return decode_vq_embeddings(self.vq, emb, self.token_grid)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] in [-1, 1] -> [B, n] ids of the nearest codes (the VQModel's own quantiser)."""
@@ -253,6 +246,19 @@ class AutoregressiveTeacher(nn.Module):
         if device is not None or torch_dtype is not None:
             teacher.to(device=device, dtype=torch_dtype)
         return teacher
+
+
+def decode_vq_embeddings(vq, emb: torch.Tensor, token_grid) -> torch.Tensor:
+    """[B, h*w, d] vectors in the codebook space of diffusers `VQModel` `vq` -> images in [-1, 1], not quantised."""
+    h, w = token_grid
+    z = emb.reshape(len(emb), h, w, -1).permute(0, 3, 1, 2).to(vq.quantize.embedding.weight.dtype)
+    if vq.config.get("lookup_from_codebook"):
+        # VQModel.decode would read z as code ids there; its own two steps after the lookup, on vectors:
+        quant = vq.post_quant_conv(z)
+        images = vq.decoder(quant, z if vq.config.norm_type == "spatial" else None)
+    else:
+        images = vq.decode(z, force_not_quantize=True).sample
+    return images.float().clamp(-1, 1)
 
 
 def _check_transform(guidance_scale, temperature, top_k):

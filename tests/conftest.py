@@ -58,3 +58,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_teacher_dir(tmp_path_factory):
+    """A class-conditional (10 classes) auto-regressive teacher folder built from config (random weights): a 2-layer
+    GPT-2 over the 16 codes of a 1x8x8 -> 4x4 VQModel (matches `digits` at resolution 8); issue 16's DD2 recipes."""
+    from diffusers import VQModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from onestep.teachers_ar import AutoregressiveTeacher
+
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                 latent_channels=4, num_vq_embeddings=16, norm_num_groups=4, sample_size=8)
+    vocab = 16 + 10 + 1
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=17, n_embd=32, n_layer=2, n_head=4,
+                                    bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+    path = tmp_path_factory.mktemp("ar_teacher") / "tiny_ar"
+    AutoregressiveTeacher(lm, vq, 10, [4, 4]).save_pretrained(path)
+    return str(path)

@@ -42,9 +42,10 @@ def contract_recipe(name: str, variant, teachers: dict, out, steps: int = STEPS,
 
 
 @pytest.fixture(scope="session")
-def teachers(tiny_teacher_dir, tiny_export_dir):
+def teachers(tiny_teacher_dir, tiny_export_dir, tiny_ar_teacher_dir):
     """A tiny folder of each teacher kind a method may declare."""
-    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None, "latents": tiny_teacher_dir}
+    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "autoregressive": tiny_ar_teacher_dir,
+            "latents": tiny_teacher_dir, "none": None}
 
 
 def _final_tensors(out) -> dict[str, torch.Tensor]:

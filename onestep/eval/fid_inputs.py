@@ -75,7 +75,7 @@ def _load_pipeline(source: Source, device) -> None:
         raise ValueError(f"{source.spec}: a text-conditional pipeline; onestep fid samples class-conditional and "
                          "unconditional pipelines only (generate images with your prompts, then compare the folders)")
     shape = tuple(pipe.noise_shape)
-    if len(shape) == 3:
+    if len(shape) >= 2:  # latents or tokens ([n, d] for DD2Pipeline): the decoded shape is what counts
         with torch.no_grad():
             shape = tuple(pipe.generate(torch.zeros(1, *shape), 1).shape[1:])
     if len(shape) != 3 or shape[0] not in (1, 3):

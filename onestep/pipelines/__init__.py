@@ -14,6 +14,7 @@ from .teacher import TeacherPipeline
 from .nitrofusion import NitroFusionPipeline  # noqa: E402,F401  (registers NitroFusion's few-step export)
 from .controlled import ControlledOneStepPipeline  # noqa: E402,F401  (registers it; NCT's controlled generator)
 from .oms import OMSPipeline  # noqa: E402,F401  (registers One More Step)
+from .dd2 import DD2Pipeline  # noqa: E402,F401  (registers DD2Pipeline)
 
 __all__ = ["FilteredImagePipelineOutput", "GeneratorPipeline", "OneStepPipeline", "TeacherPipeline", "available_pipelines",
            "load_pipeline", "register_pipeline", "unregister_pipeline"]

@@ -215,7 +215,7 @@ def sample_to_folder(pipe, out_dir, num: int, seed: int = 0, steps: int = 1, bat
     if pipe.takes_prompt:
         raise ValueError("this pipeline is text-conditional; `onestep sample` writes class-conditional and "
                          "unconditional samples only (call the pipeline with your prompts)")
-    if len(pipe.noise_shape) != 3:
+    if len(pipe.noise_shape) < 2:  # images, latents, or tokens ([n, d], DD2Pipeline) decoded to images
         raise ValueError(f"this pipeline generates samples of shape {tuple(pipe.noise_shape)}, not 1- or 3-channel "
                          "images; write one plot instead: --out samples.png")
     out = Path(out_dir)
