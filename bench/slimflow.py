@@ -56,7 +56,7 @@ def straightness(denoiser, z: torch.Tensor, steps: int = 50, tau0: float = 0.98)
     s = sum(((ys[i + 1] - ys[i]) / (grid[i] - grid[i + 1]) - mean_velocity).pow(2).sum(1) * (grid[i] - grid[i + 1])
             / tau0 for i in range(steps))
     one = trajectory(denoiser, z, torch.tensor([tau0], dtype=torch.float64))[-1]
-    means = grid_means()
+    means = grid_means().double()
 
     def modes_hit(x):  # modes holding >= 0.5 % of the samples within 6 mode std
         near = torch.cdist(x.double(), means).min(dim=1)
