@@ -39,6 +39,9 @@ CONTROLS = {  # control name -> (control spec, NCT run, regression run)
     "edges (sobel)": ({"name": "sobel"}, "runs/digits16_nct_edges", "runs/digits16_regression_edges"),
     "lowres (4x)": ({"name": "lowres", "factor": 4}, "runs/digits16_nct_lowres", "runs/digits16_regression_lowres"),
 }
+EXTRA_RUNS = {  # further NCT runs scored when present: control name -> [(row label, run folder)]
+    "edges (sobel)": [("(b2) NCT, xi 0.001, 200 steps", "runs/digits16_nct_edges_tight")],
+}
 
 
 @torch.no_grad()
@@ -95,6 +98,17 @@ def picture(path: Path, data, pipes: dict) -> None:
     canvas.save(path, optimize=True)
 
 
+class _scaled:
+    """A controlled pipeline called at another adapter scale."""
+
+    def __init__(self, pipe, scale: float):
+        self.pipe, self.scale = pipe, scale
+        self.noise_shape, self.card = pipe.noise_shape, pipe.card
+
+    def generate(self, *args, **kwargs):
+        return self.pipe.generate(*args, adapter_scale=self.scale, **kwargs)
+
+
 def from_checkpoint(ema_file: Path, control):
     """A controlled pipeline from a run still training: the base plus the EMA adapter of its latest checkpoint."""
     from safetensors.torch import load_file
@@ -116,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--png", type=Path, default=None, help="also write the comparison picture here")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--scales", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 0.5],
+                        help="adapter scales of the NCT rows, comma-separated (default 1,0.5)")
     parser.add_argument("--checkpoints", action="store_true",
                         help="score runs without an export from their latest checkpoint's EMA adapter")
     args = parser.parse_args(argv)
@@ -128,7 +144,9 @@ def main(argv=None) -> int:
     for name, (spec, nct, regression) in CONTROLS.items():
         control = control_model(spec)
         rows = [("(a) base, unadapted", base, False, str(BASE))]
-        for label, run, key in (("(b) NCT", nct, "nct"), ("(c) regression on data pairs", regression, "regression")):
+        runs = [("(b) NCT", nct, "nct"), ("(c) regression on data pairs", regression, "regression")]
+        runs += [(label, run, label) for label, run in EXTRA_RUNS.get(name, [])]
+        for label, run, key in runs:
             folder = Path(run) / "pipeline"
             if (folder / "model_index.json").is_file():
                 pipes[(name, key)] = load_pipeline(folder)
@@ -139,19 +157,22 @@ def main(argv=None) -> int:
                 rows.append((label + f" @{ema.parent.name}", pipes[(name, key)], True, str(ema)))
             else:
                 results.append({"control": name, "row": label, "source": f"missing: {folder}"})
+        if (name, "nct") in pipes:  # the adapter scale trades control for fidelity (ControlNet's conditioning scale)
+            rows += [(f"(b) NCT at adapter_scale {s:g}", _scaled(pipes[(name, "nct")], s), True, rows[1][3])
+                     for s in args.scales if s != 1.0]
         for label, pipe, use, source in rows:
             card = pipe.card
             results.append({"control": name, "row": label, "source": source, "train_s": card.get("train_seconds"),
                             "steps": card.get("steps"), **score(pipe, control, data, args.num_samples, seeds, use)})
     print(f"protocol: {args.num_samples} samples x seeds {seeds}, balanced labels, control of the data row's digit, "
           "independent noise; consistency = mean |C(out) - c| on [0, 1]; onestep-digits FD vs 1797 digits")
-    print(f"{'control':14} {'row':32} {'consistency':>17} {'FD':>13} {'train s':>8}  source")
+    print(f"{'control':14} {'row':36} {'consistency':>17} {'FD':>13} {'train s':>8}  source")
     for r in results:
         if "fd" not in r:
-            print(f"{r['control']:14} {r['row']:32} {'-':>17} {'-':>13} {'-':>8}  {r['source']}")
+            print(f"{r['control']:14} {r['row']:36} {'-':>17} {'-':>13} {'-':>8}  {r['source']}")
             continue
         train = f"{r['train_s']:.0f}" if r.get("train_s") else "-"
-        print(f"{r['control']:14} {r['row']:32} {_ms(r['consistency']):>17} {_ms(r['fd']):>13} {train:>8}  "
+        print(f"{r['control']:14} {r['row']:36} {_ms(r['consistency']):>17} {_ms(r['fd']):>13} {train:>8}  "
               f"{r['source']}")
     if args.png:
         picture(args.png, data, pipes)

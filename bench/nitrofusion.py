@@ -15,6 +15,7 @@ gradient, so in steady state about 12 B/param plus 4 B for the drawn heads).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,11 @@ trainer = Trainer(config)
 built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 trainer.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"build_mb": (built - before) / 1024, "peak_mb": peak / 1024, "train_growth_mb": (peak - built) / 1024}}))
+print(json.dumps({{"build_mb": (built - before) / 1024, "peak_mb": peak / 1024,
+                  "train_growth_mb": (peak - built) / 1024}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -119,7 +121,7 @@ def cmd_fd(args):
     seeds = list(range(1, args.seeds + 1))
     print(f"protocol: bench/methods.py's ({args.num_samples} samples x seeds {seeds}, balanced labels, onestep-digits "
           f"FD vs 1797 digits; images/s at batch 250, {torch.get_num_threads()} thread(s))")
-    print(f"| row | NFE | FD (mean +- sd) | images/s | wall s |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| row | NFE | FD (mean +- sd) | images/s | wall s |\n| --- | ---: | ---: | ---: | ---: |")
     for name, recipe, shipped, steps in ROWS:
         if not name.startswith(("teacher", "uni_instruct sid", "nitrofusion")):
             continue

@@ -9,7 +9,8 @@ each network is integrated with Euler in the VE form and its trajectory read in 
   straightness  S = sum_i (dtau_i / tau_0) ||dy_i / dtau_i - (y_N - y_0) / tau_0||^2  (Liu et al. 2023, sec. 2.3:
                 0 for straight paths), and S relative to ||(y_N - y_0) / tau_0||^2;
   1-vs-50 gap   RMS ||x_1 - x_50||, x_k the sample after k Euler steps on the grid (0: one step is exact);
-  off-mode      the share of 1-step samples farther than 6 mode std from every grid mode (hallucinations).
+  off-mode      the share of 1-step (50-step) samples farther than 6 mode std from every grid mode;
+  modes         how many of the grid's modes hold >= 0.5 % of the samples within 6 mode std (coverage).
 Rows: the teacher (assets/teachers/gaussian_grid, EDM MLP) and the 2-RF of recipes/gaussian_grid_slimflow_reflow.yaml
 (and of its plain-reflow variant when runs/gaussian_grid_plainflow_reflow exists).
 
@@ -55,10 +56,18 @@ def straightness(denoiser, z: torch.Tensor, steps: int = 50, tau0: float = 0.98)
     s = sum(((ys[i + 1] - ys[i]) / (grid[i] - grid[i + 1]) - mean_velocity).pow(2).sum(1) * (grid[i] - grid[i + 1])
             / tau0 for i in range(steps))
     one = trajectory(denoiser, z, torch.tensor([tau0], dtype=torch.float64))[-1]
+    means = grid_means().double()
+
+    def modes_hit(x):  # modes holding >= 0.5 % of the samples within 6 mode std
+        near = torch.cdist(x.double(), means).min(dim=1)
+        kept = near.indices[~hallucinated(x, means, GRID_MODE_STD)]
+        return int((torch.bincount(kept, minlength=len(means)) >= 0.005 * len(x)).sum())
+
     return {"straightness": s.mean().item(), "straightness_rel": (s.mean() / mean_velocity.pow(2).sum(1).mean()).item(),
             "gap_1_vs_50": (one - ys[-1]).pow(2).sum(1).mean().sqrt().item(),
             "off_mode_1step": hallucinated(one, grid_means(), GRID_MODE_STD).double().mean().item(),
-            "off_mode_50step": hallucinated(ys[-1], grid_means(), GRID_MODE_STD).double().mean().item()}
+            "off_mode_50step": hallucinated(ys[-1], grid_means(), GRID_MODE_STD).double().mean().item(),
+            "modes_hit_1step": modes_hit(one), "modes_hit_50step": modes_hit(ys[-1]), "modes": len(means)}
 
 
 def run_straightness(args) -> list[dict]:
@@ -72,7 +81,7 @@ def run_straightness(args) -> list[dict]:
     out = []
     print(f"{args.num} noises, seed {args.seed}, Euler on the flow-time grid 0.98 -> 0 ({args.steps} steps vs 1)")
     print(f"{'network':40} {'straightness':>12} {'relative':>9} {'gap 1-vs-50':>12} {'off-mode 1':>10} "
-          f"{'off-mode 50':>11}")
+          f"{'off-mode 50':>11} {'modes 1':>7} {'modes 50':>8}")
     for name, folder in rows:
         if not (folder / "model_index.json").is_file():
             print(f"{name:40} (no {folder.relative_to(ROOT)}: train its recipe first)")
@@ -81,7 +90,8 @@ def run_straightness(args) -> list[dict]:
                                                                                      args.steps)}
         out.append(r)
         print(f"{name:40} {r['straightness']:>12.4f} {r['straightness_rel']:>9.4f} {r['gap_1_vs_50']:>12.4f} "
-              f"{r['off_mode_1step']:>10.3f} {r['off_mode_50step']:>11.3f}")
+              f"{r['off_mode_1step']:>10.3f} {r['off_mode_50step']:>11.3f} {r['modes_hit_1step']:>7} "
+              f"{r['modes_hit_50step']:>8}")
     return out
 
 

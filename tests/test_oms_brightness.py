@@ -8,7 +8,7 @@ from onestep.pipelines import OMSPipeline, load_pipeline
 from onestep.resources import ASSETS
 
 N = 200
-GUIDANCE = 2.0  # OMS classifier-free guidance of the oracle (w = 1: see docs/oms.md for the measured fractions)
+GUIDANCE = 3.0  # OMS classifier-free guidance of the oracle (w = 1, 2: see docs/oms.md for the measured fractions)
 
 
 def test_oms_prompt_sets_the_brightness_the_base_alone_leaves_to_chance(one_thread):
