@@ -322,3 +322,19 @@ def test_cli_sample_takes_base_and_oms_prompt(tiny_teacher_dir, tmp_path, one_th
     assert main(["sample", tiny_teacher_dir, "--base", str(folder), "--steps", "2", "-n", "4",
                  "--out", str(tmp_path / "other.png")]) != 0
     assert "apply to One More Step pipelines" in capsys.readouterr().err
+
+
+def test_demo_takes_base():
+    import importlib.util
+    import sys
+
+    from onestep.resources import ASSETS, DEMO_APP
+
+    spec = importlib.util.spec_from_file_location("onestep_demo_app", DEMO_APP)
+    app = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    demo = app.Demo(ASSETS / "pipelines" / "digits16_oms", base=ASSETS / "teachers" / "digits16_flawed")
+    assert isinstance(demo.pipe, OMSPipeline) and demo.caps.extra_inputs == {"oms_prompt": "text",
+                                                                              "oms_guidance_scale": "float"}
+    with pytest.raises(ValueError, match="applies to One More Step pipelines"):
+        app.Demo(ASSETS / "teachers" / "digits16_flawed", base=ASSETS / "teachers" / "digits16_flawed")
