@@ -235,9 +235,14 @@ class Result:
 class Demo:
     """The model side of the app: a loaded pipeline, its optional teacher, and one method per request."""
 
-    def __init__(self, pipeline_dir: str | os.PathLike | None = None, max_images: int = MAX_IMAGES):
+    def __init__(self, pipeline_dir: str | os.PathLike | None = None, max_images: int = MAX_IMAGES,
+                 base: str | os.PathLike | None = None):
         self.pipeline_dir = find_pipeline(pipeline_dir)
         self.pipe = load_pipeline(self.pipeline_dir)
+        if base is not None:  # One More Step (OMSPipeline) in front of another diffusion base
+            if not hasattr(self.pipe, "wrap"):
+                raise ValueError(f"--base applies to One More Step pipelines; {type(self.pipe).__name__} is not one")
+            self.pipe = self.pipe.wrap(load_pipeline(base))
         self.pipe.set_progress_bar_config(disable=True)
         if len(self.pipe.noise_shape) != 3:
             raise ValueError(f"{self.pipeline_dir}: this generator makes {tuple(self.pipe.noise_shape)} vectors, not "
@@ -408,7 +413,7 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, 
 def run(args: argparse.Namespace) -> None:
     """`onestep demo` (options in onestep/cli.py): load, build, serve until Ctrl-C."""
     start = time.perf_counter()
-    demo = Demo(args.pipeline, max_images=args.max_images)
+    demo = Demo(args.pipeline, max_images=args.max_images, base=getattr(args, "base", None))
     blocks = create_demo(demo, concurrency=args.concurrency)
     print(f"onestep demo: {demo.pipeline_dir} loaded in {time.perf_counter() - start:.1f} s "
           f"(teacher comparison: {'on' if demo.teacher else 'off'})", flush=True)

@@ -670,6 +670,8 @@ def _add_demo(sub):
     p.add_argument("--port", type=_whole(1, 65535, " (a TCP port)"), default=7860)
     p.add_argument("--max-images", type=_whole(1, 1024), default=16, help="cap on images per request (1..1024)")
     p.add_argument("--concurrency", type=_whole(1, 64), default=2, help="requests generated at the same time (1..64)")
+    p.add_argument("--base", default=None, metavar="PIPELINE",
+                   help="an OMS pipeline: put its OMS module in front of this diffusion teacher folder")
     p.set_defaults(run=_run_demo)
 
 

@@ -322,3 +322,34 @@ def test_cli_sample_takes_base_and_oms_prompt(tiny_teacher_dir, tmp_path, one_th
     assert main(["sample", tiny_teacher_dir, "--base", str(folder), "--steps", "2", "-n", "4",
                  "--out", str(tmp_path / "other.png")]) != 0
     assert "apply to One More Step pipelines" in capsys.readouterr().err
+
+
+def test_demo_takes_base():
+    import importlib.util
+    import sys
+
+    from onestep.resources import ASSETS, DEMO_APP
+
+    spec = importlib.util.spec_from_file_location("onestep_demo_app", DEMO_APP)
+    app = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    demo = app.Demo(ASSETS / "pipelines" / "digits16_oms", base=ASSETS / "teachers" / "digits16_flawed")
+    assert isinstance(demo.pipe, OMSPipeline) and demo.caps.extra_inputs == {"oms_prompt": "text",
+                                                                              "oms_guidance_scale": "float"}
+    with pytest.raises(ValueError, match="applies to One More Step pipelines"):
+        app.Demo(ASSETS / "teachers" / "digits16_flawed", base=ASSETS / "teachers" / "digits16_flawed")
+
+
+def test_brightness_datasets():
+    from onestep.data import load_dataset
+
+    data = load_dataset("digits_brightness", 16)
+    plain = load_dataset("digits", 16)
+    means = data.x.mean((1, 2, 3))
+    assert data.x.shape == plain.x.shape and torch.equal(data.labels, plain.labels)
+    assert data.prompts == ["bright" if m > 0 else "dark" for m in means.tolist()]
+    assert 0.4 < float((means > 0).float().mean()) < 0.6 and float(means.abs().min()) > 0.4
+    assert data.x.min() >= -1 and data.x.max() <= 1
+    assert torch.equal(data.x, load_dataset("digits_brightness", 16).x)  # deterministic
+    shapes = load_dataset("shapes_brightness", 16, num_samples=64)
+    assert len(shapes.prompts) == 64 and set(shapes.prompts) <= {"dark", "bright"}

@@ -7,7 +7,7 @@ import torch
 from onestep.pipelines import OMSPipeline, load_pipeline
 from onestep.resources import ASSETS
 
-N = 200
+N = 128
 GUIDANCE = 3.0  # OMS classifier-free guidance of the oracle (w = 1, 2: see docs/oms.md for the measured fractions)
 
 
