@@ -230,7 +230,7 @@ def _run_pretrain(args):
     _print_result(Trainer(config).train(), config.output_dir)
 
 
-# --- pretrain-ar (issue 16: the auto-regressive teacher DD2 distils) ----------------------------------------------
+# --- pretrain-ar (the auto-regressive teacher DD2 distils) ----------------------------------------------------
 def _add_pretrain_ar(sub):
     p = sub.add_parser("pretrain-ar", help="train a small VQ tokenizer + GPT-2 auto-regressive teacher",
                        formatter_class=_formatter, description=textwrap.dedent("""\

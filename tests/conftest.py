@@ -63,7 +63,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_ar_teacher_dir(tmp_path_factory):
     """A class-conditional (10 classes) auto-regressive teacher folder built from config (random weights): a 2-layer
-    GPT-2 over the 16 codes of a 1x8x8 -> 4x4 VQModel (matches `digits` at resolution 8); issue 16's DD2 recipes."""
+    GPT-2 over the 16 codes of a 1x8x8 -> 4x4 VQModel (matches `digits` at resolution 8); for DD2's tests."""
     from diffusers import VQModel
     from transformers import GPT2Config, GPT2LMHeadModel
 

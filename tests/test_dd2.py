@@ -1,4 +1,4 @@
-"""DD2 (issue 16): the AR teacher as a closed-form conditional denoiser, and the two training stages, checked against
+"""DD2: the AR teacher as a closed-form conditional denoiser, and the two training stages, checked against
 oracles that fail when the maths or the plumbing is wrong.
 
 1. the analytic score equals autograd of the mixture's log-density (float64), with its limits;
@@ -21,7 +21,7 @@ from onestep.teachers import AutoregressiveSource
 from onestep.teachers_ar import AutoregressiveTeacher
 
 
-# --- oracle 1: the closed-form denoiser ------------------------------------------------------------------------------
+# --- the closed-form denoiser ------------------------------------------------------------------------------
 def _mixture(seed=0, k=7, d=3):
     g = torch.Generator().manual_seed(seed)
     codebook = torch.randn(k, d, generator=g, dtype=torch.float64)
@@ -142,7 +142,7 @@ def _joint(ids: torch.Tensor) -> torch.Tensor:
     return table / len(ids)
 
 
-# --- oracle 5: CSD recovers the correlation ---------------------------------------------------------------------------
+# --- CSD recovers the correlation ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_csd_recovers_the_two_token_correlation(one_thread):
     source = _copy_teacher()
@@ -176,7 +176,7 @@ def test_csd_recovers_the_two_token_correlation(one_thread):
     assert kl < 0.2
 
 
-# --- oracle 6: gradient plumbing ---------------------------------------------------------------------------------------
+# --- gradient plumbing ---------------------------------------------------------------------------------------
 def test_position_i_loss_reaches_q_i_only_and_no_frozen_network_gets_a_gradient(tiny_ar_teacher_dir):
     teacher = AutoregressiveTeacher.from_pretrained(tiny_ar_teacher_dir)
     source = AutoregressiveSource(path=tiny_ar_teacher_dir, model=teacher)
@@ -205,7 +205,7 @@ def test_position_i_loss_reaches_q_i_only_and_no_frozen_network_gets_a_gradient(
     assert all(p.grad is None for p in method.guidance.parameters())
 
 
-# --- oracle 7: chain-rule bookkeeping ------------------------------------------------------------------------------------
+# --- chain-rule bookkeeping ------------------------------------------------------------------------------------
 def test_per_position_conditional_kls_add_up_to_the_joint_kl():
     g = torch.Generator().manual_seed(0)
     for shape in [(3, 3, 3), (2, 4), (4, 2, 3, 2)]:

@@ -11,7 +11,7 @@ import torch
 from onestep.oms import TimeFreeUNet2DConditionModel, WordEncoder, oms_step, target_alpha_bar
 from onestep.pipelines.oms import OMSPipeline, tiny_oms_components
 
-STEPS = 150  # oracle 5's training steps
+STEPS = 150  # training steps of the optimum test
 TIME_KEYS = ("time_embedding", "time_proj", "time_emb_proj")
 
 
