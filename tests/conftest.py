@@ -79,3 +79,10 @@ def tiny_ar_teacher_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ar_teacher") / "tiny_ar"
     AutoregressiveTeacher(lm, vq, 10, [4, 4]).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def method_teachers(tiny_teacher_dir, tiny_export_dir, tiny_ar_teacher_dir):
+    """A tiny folder of each teacher kind a method may declare (the contract, two-process and crash tests)."""
+    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "autoregressive": tiny_ar_teacher_dir,
+            "latents": tiny_teacher_dir, "none": None}

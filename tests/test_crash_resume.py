@@ -79,13 +79,12 @@ def _step_of(path: Path) -> int:
 
 
 @pytest.mark.parametrize("method", sorted(n for n, c in available_methods().items() if c.__module__.startswith("onestep.")))
-def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tiny_export_dir, tmp_path):
-    teachers = {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "none": None, "latents": tiny_teacher_dir}
+def test_killed_runs_resume_to_identical_weights(method, method_teachers, tmp_path):
     rng = random.Random(f"crash-resume-{method}")
     kill_in_save = rng.randint(2, STEPS - 2)            # killed while checkpoint `kill_in_save` is being written
     kill_after = rng.randint(kill_in_save, STEPS - 1)    # killed mid-run once checkpoint `kill_after` exists
     run, ref = tmp_path / "run", tmp_path / "ref"
-    recipe = _write_recipe(tmp_path / "recipe.yaml", method, teachers, run)
+    recipe = _write_recipe(tmp_path / "recipe.yaml", method, method_teachers, run)
     checkpoints = run / "checkpoints"
 
     # 1. SIGKILL during a checkpoint save: its files are in the temporary folder, not yet renamed into place
@@ -110,7 +109,7 @@ def test_killed_runs_resume_to_identical_weights(method, tiny_teacher_dir, tiny_
 
     # 3. resume to the end (in-process, through the CLI), and an uninterrupted reference run
     assert main(["train", str(recipe), "--resume", "latest"]) == 0
-    ref_recipe = _write_recipe(tmp_path / "ref.yaml", method, teachers, ref)
+    ref_recipe = _write_recipe(tmp_path / "ref.yaml", method, method_teachers, ref)
     assert main(["train", str(ref_recipe)]) == 0
 
     final, expected = _tensors(checkpoints / f"step_{STEPS:07d}"), _tensors(ref / "checkpoints" / f"step_{STEPS:07d}")

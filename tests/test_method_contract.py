@@ -41,25 +41,18 @@ def contract_recipe(name: str, variant, teachers: dict, out, steps: int = STEPS,
     return recipe
 
 
-@pytest.fixture(scope="session")
-def teachers(tiny_teacher_dir, tiny_export_dir, tiny_ar_teacher_dir):
-    """A tiny folder of each teacher kind a method may declare."""
-    return {"diffusion": tiny_teacher_dir, "one_step": tiny_export_dir, "autoregressive": tiny_ar_teacher_dir,
-            "latents": tiny_teacher_dir, "none": None}
-
-
 def _final_tensors(out) -> dict[str, torch.Tensor]:
     step = max((out / "checkpoints").iterdir())
     return {f"{f.stem}.{k}": v for f in sorted(step.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("name,variant", contract_cases())
-def test_train_export_load_sample_score(name, variant, teachers, tmp_path, one_thread, capsys):
+def test_train_export_load_sample_score(name, variant, method_teachers, tmp_path, one_thread, capsys):
     from onestep.cli import main
     from onestep.pipelines import load_pipeline
 
     out = tmp_path / "run"
-    Trainer(config_from_dict(contract_recipe(name, variant, teachers, out))).train()
+    Trainer(config_from_dict(contract_recipe(name, variant, method_teachers, out))).train()
     pipe = load_pipeline(out / "pipeline")
     noise = torch.randn((3, *pipe.noise_shape), generator=torch.Generator().manual_seed(0))
     labels = torch.arange(3) % pipe.num_classes if pipe.num_classes else None
@@ -73,11 +66,11 @@ def test_train_export_load_sample_score(name, variant, teachers, tmp_path, one_t
 
 
 @pytest.mark.parametrize("name,variant", contract_cases())
-def test_resume_is_bit_exact(name, variant, teachers, tmp_path, one_thread):
+def test_resume_is_bit_exact(name, variant, method_teachers, tmp_path, one_thread):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    Trainer(config_from_dict(contract_recipe(name, variant, teachers, straight))).train()
-    Trainer(config_from_dict(contract_recipe(name, variant, teachers, resumed, steps=2))).train()
-    Trainer(config_from_dict(contract_recipe(name, variant, teachers, resumed)), resume="latest").train()
+    Trainer(config_from_dict(contract_recipe(name, variant, method_teachers, straight))).train()
+    Trainer(config_from_dict(contract_recipe(name, variant, method_teachers, resumed, steps=2))).train()
+    Trainer(config_from_dict(contract_recipe(name, variant, method_teachers, resumed)), resume="latest").train()
     a, b = _final_tensors(straight), _final_tensors(resumed)
     assert a.keys() == b.keys()
     for key in a:
