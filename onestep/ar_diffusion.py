@@ -189,8 +189,13 @@ class ARDiffusionModel(ModelMixin, ConfigMixin):
         return (c_skip * x_t.float() + c_out * f.float()).to(x_t.dtype)
 
     # --- the two uses -----------------------------------------------------------------------------------------------
-    def forward(self, x_t: torch.Tensor, t, tokens: torch.Tensor, class_labels=None) -> torch.Tensor:
-        """Denoiser D(x_t, t | tokens_<i, class) [B, n, d] (stage 1 and the guidance network)."""
+    def forward(self, x_t: torch.Tensor | None = None, t=None, tokens: torch.Tensor | None = None, class_labels=None,
+                *, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoiser D(x_t, t | tokens_<i, class) [B, n, d] (stage 1 and the guidance network); with `noise=` the
+        one-step generator G(noise, class) (`generate`), so a trainer's DDP wrapper, which syncs through forward,
+        serves both uses."""
+        if noise is not None:
+            return self.generate(noise, class_labels)
         return self.head(self.hidden(class_labels, tokens=tokens), x_t, t)
 
     def generate(self, noise: torch.Tensor, class_labels=None, tokens: torch.Tensor | None = None,

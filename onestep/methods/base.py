@@ -138,6 +138,8 @@ class Method:
     ema_network: ClassVar[str] = "generator"   # which trainable network gets an EMA copy (used for samples/export)
     sparse_networks: ClassVar[tuple[str, ...]] = ()  # networks of which a step may train only a subset: their
     # gradients are averaged over processes by the trainer (not DDP), parameters without a gradient are not stepped
+    ddp_find_unused_parameters: ClassVar[bool] = False  # True when a network's forward leaves some parameters out
+    # (one network used in two modes): DDP then looks for them each step (torch's `find_unused_parameters`)
 
     def __init__(self, config: MethodConfig, teacher, data):
         self.config = config

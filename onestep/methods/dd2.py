@@ -135,6 +135,7 @@ class DD2GroundTruthScore(_TeacherLaw, Method):
     name = "dd2_gts"
     Config = DD2GroundTruthScoreConfig
     teacher_kind = "autoregressive"
+    ddp_find_unused_parameters = True  # ARDiffusionModel as denoiser skips `noise_in`, as G the token embedding
     ema_network = "model"
     card_method = "DD2 stage 1 (ground-truth score); exported as its untrained one-step generator"
 
@@ -202,6 +203,7 @@ class DD2(_TeacherLaw, Method):
     name = "dd2"
     Config = DD2Config
     teacher_kind = "autoregressive"
+    ddp_find_unused_parameters = True  # ARDiffusionModel as denoiser skips `noise_in`, as G the token embedding
     ema_network = "generator"
     card_method = "DD2 (conditional score distillation, one step)"
 
@@ -241,7 +243,7 @@ class DD2(_TeacherLaw, Method):
     # (b) the generator: SiD at every position against the teacher's analytic conditional score
     def generator_loss(self, batch: Batch, ctx):
         labels = batch.cond.get("class_labels")
-        q = ctx.net("generator").generate(self.noise(batch, ctx), labels)
+        q = ctx.net("generator")(noise=self.noise(batch, ctx), class_labels=labels)  # forward: DDP syncs the gradient
         loss, logs = self.csd_loss(q, labels, ctx)
         return self.config.generator_loss_scale * loss, logs
 

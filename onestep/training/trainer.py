@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -82,9 +82,12 @@ class Trainer:
 
         self.config = config
         self.out = Path(config.output_dir)
+        method_cls = get_method(config.method.name)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.train.mixed_precision, log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=method_cls.ddp_find_unused_parameters)])
         device = self.accelerator.device
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > self.accelerator.num_processes:
@@ -96,7 +99,6 @@ class Trainer:
         self.data = load_dataset(config.data.name, config.data.resolution, config.data.num_samples, config.seed,
                                  channels=config.data.channels)
         self.pixels = self.data.x  # what samples are compared with (before a latent teacher encodes the data)
-        method_cls = get_method(config.method.name)
         if method_cls.teacher_kind == "none" and config.teacher is not None:
             raise ValueError(f"teacher: method {config.method.name!r} uses no teacher; remove the teacher key")
         self.teacher = open_teacher(config.teacher, method_cls.teacher_kind, device, self.data)
