@@ -40,8 +40,9 @@ ROWS = [
     # NitroFusion, started from the row above: one model at 1-4 steps, then the ablation (equal steps) at 1 and 4
     *[(f"nitrofusion pool+refresh, 120 steps, {n} step{'s' * (n > 1)}", RECIPES / "digits16_nitrofusion.yaml", None, n)
       for n in (1, 2, 3, 4)],
-    *[(f"nitrofusion {kind}, 160 steps (pre-fix settings), {n} step{'s' * (n > 1)}", RECIPES / f"digits16_nitrofusion_{recipe}.yaml",
-       None, n) for kind, recipe in (("one fixed head", "fixed_head"), ("pool, no refresh", "no_refresh"))
+    *[(f"nitrofusion {kind}, {n} step{'s' * (n > 1)}", RECIPES / f"digits16_nitrofusion_{recipe}.yaml",
+       None, n) for kind, recipe in (("one fixed head, 160 steps (pre-fix settings)", "fixed_head"),
+                                     ("pool, no refresh, 120 steps", "no_refresh"))
       for n in (1, 4)],
 ]
 
