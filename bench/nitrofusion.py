@@ -1,5 +1,6 @@
 """NitroFusion's head pool: what a head and a pool cost, and the peak memory of training with it.
 
+    python bench/nitrofusion.py score runs/digits16_nitrofusion/pipeline   # FD at 1-4 steps of one export
     python bench/nitrofusion.py pool        # parameters and bytes per head / per pool: digits recipe (built) and
                                             # an SDXL-sized pool (480 heads on the paper's 10 encoder maps, computed)
     python bench/nitrofusion.py memory      # peak RSS of 2 training steps of the digits recipe, pool in place vs
@@ -136,6 +137,27 @@ def cmd_fd(args):
               f"{time.time() - t0:.0f} |", flush=True)
 
 
+def cmd_score(args):
+    """FD at 1..max steps of one exported pipeline (bench/methods.py's protocol), without the teacher rows."""
+    import statistics
+    import time
+
+    sys.path.insert(0, str(HERE))
+    from methods import score
+
+    from onestep.data import load_dataset
+    from onestep.pipelines import load_pipeline
+
+    data, pipe = load_dataset("digits", 16), load_pipeline(args.folder)
+    seeds = list(range(1, args.seeds + 1))
+    print(f"{args.folder}: {args.num_samples} samples x seeds {seeds}, onestep-digits FD")
+    for steps in range(1, args.max_steps + 1):
+        t0 = time.time()
+        r = score(pipe, data, args.num_samples, seeds, steps)
+        sd = statistics.stdev(r["fd"]) if len(r["fd"]) > 1 else 0.0
+        print(f"| {steps} | {statistics.mean(r['fd']):.2f} +- {sd:.2f} | {time.time() - t0:.0f} s |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +167,12 @@ def main(argv=None):
     fd.add_argument("-n", "--num-samples", type=int, default=1000)
     fd.add_argument("--seeds", type=int, default=3)
     fd.set_defaults(run=cmd_fd)
+    sc = sub.add_parser("score")
+    sc.add_argument("folder")
+    sc.add_argument("-n", "--num-samples", type=int, default=1000)
+    sc.add_argument("--seeds", type=int, default=2)
+    sc.add_argument("--max-steps", type=int, default=4)
+    sc.set_defaults(run=cmd_score)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -78,6 +78,21 @@ def test_only_the_drawn_heads_change(tiny_teacher_dir, tmp_path, one_thread):
     assert any(not torch.equal(v, trainer.method.gen.state_dict()[k]) for k, v in gen_before.items())
 
 
+def test_discriminator_warmup_leaves_the_generator_and_refresh_every_spaces_refreshes(tiny_teacher_dir, tmp_path,
+                                                                                      one_thread):
+    trainer = _trainer(tiny_teacher_dir, tmp_path, steps=3, disc_warmup_steps=3, disc_updates=2, refresh_every=2,
+                       refresh_fraction=0.05)
+    gen_before = {k: v.clone() for k, v in trainer.method.gen.state_dict().items()}
+    pool_before = _head_states(trainer.method.pool)
+    trainer.train()
+    assert all(torch.equal(v, trainer.method.gen.state_dict()[k]) for k, v in gen_before.items())  # heads only
+    after = _head_states(trainer.method.pool)
+    assert any(_changed(pool_before[i], after[i]) for i in range(len(after)))
+    assert [bool(r) for r in trainer.method.refreshed] == [False, True, False]   # steps 1 (of 0..2) only
+    counts = {int(s["step"]) for s in trainer.optimizers["pool"].state.values() if "step" in s}
+    assert max(counts) % 2 == 0 and max(counts) >= 2
+
+
 def test_refresh_reinitialises_heads_and_forgets_their_adam_moments(tiny_teacher_dir, tmp_path, one_thread):
     trainer = _trainer(tiny_teacher_dir, tmp_path, steps=4, refresh_fraction=0.05)
     trainer.train()

@@ -18,6 +18,7 @@ platform's feature taps), a pool H[task][t*][level][slot] of small heads and the
     generator step:     L_G = mean_ml GAN_G(logit_ml(x0^) [, logit_ml(x0)])   (gradient through the frozen E)
     discriminator step: L_D = mean_ml GAN_D(logit_ml(x0), logit_ml(sg x0^))   (only the drawn heads)
     refresh: re-initialise R = max(1, round(0.01 |pool|)) heads drawn from the whole pool, Adam state reset (sec. 3.2)
+    (reconstruction knobs for small budgets, defaults = the paper: refresh_every, disc_warmup_steps, disc_updates)
 
 The n-step grid (teacher timesteps, `grid`: the first n levels of one grid, or LCM's rows) is moved to lower
 timesteps by the paper's shift e(tau) = floor(tau * shift / 1000) (sec. 3.5; the released TimestepShiftLCMScheduler);
@@ -74,6 +75,12 @@ class NitroFusionConfig(MethodConfig):
     crop_fraction: float = Field(0.5, gt=0, le=1, description="local heads' crop side / sample side")
     refresh_fraction: float = Field(0.01, ge=0, le=1, description="share of the pool re-initialised per step "
                                     "(at least one head when > 0; 0: no refresh)")
+    refresh_every: int = Field(1, ge=1, description="refresh once every this many steps (paper: every step); "
+                               "a small pool trained for few steps needs its heads to live long enough to learn")
+    disc_warmup_steps: int = Field(0, ge=0, description="the first steps update only the drawn heads, never the "
+                                   "generator (not in the paper, which starts from trained heads' scale: a pool of "
+                                   "fresh heads otherwise hands the generator noise for its first updates)")
+    disc_updates: int = Field(1, ge=1, description="discriminator updates per step (same batch, same drawn heads)")
     skip_decoder: bool = Field(True, description="stop the backbone pass after the last feature layer (the UNet's "
                                "up blocks never run; same features, about half the cost); false: the platform's "
                                "full-pass feature taps")
@@ -356,10 +363,13 @@ class NitroFusion(Method):
         del self.drawn[:-HISTORY], self.refreshed[:-HISTORY]
         batch = self.prepare(batch, ctx)
         logs = {"stage": float(self.stage(ctx.step))}
-        with frozen(self.pool):
-            logs.update(ctx.update("generator", lambda b: self.generator_loss(b, heads, ctx), batch))
-        logs.update(ctx.update("pool", lambda b: self.discriminator_loss(b, heads), batch))
-        self.refreshed.append(self.refresh(ctx) if cfg.refresh_fraction > 0 else [])
+        if ctx.step >= cfg.disc_warmup_steps:
+            with frozen(self.pool):
+                logs.update(ctx.update("generator", lambda b: self.generator_loss(b, heads, ctx), batch))
+        for _ in range(cfg.disc_updates):
+            logs.update(ctx.update("pool", lambda b: self.discriminator_loss(b, heads), batch))
+        due = cfg.refresh_fraction > 0 and (ctx.step + 1) % cfg.refresh_every == 0
+        self.refreshed.append(self.refresh(ctx) if due else [])
         return logs
 
     def draw_heads(self, rng: torch.Generator) -> list[tuple]:
