@@ -101,11 +101,7 @@ class DD2Pipeline(GeneratorPipeline):
     def generate_latents(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,
                          callback=None, **extra):
         """[B, n, d] generated token embeddings (before snapping to codes and decoding)."""
-        if extra:
-            raise ValueError(f"DD2Pipeline takes no input {', '.join(sorted(extra))}")
-        steps = num_inference_steps or self.default_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.max_inference_steps:
-            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {steps!r}")
+        steps = self._checked_steps(num_inference_steps, extra)
         net = self.generator
         device = self._execution_device
         noise = noise.to(device=device, dtype=net.dtype)

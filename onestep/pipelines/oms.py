@@ -149,11 +149,9 @@ class OMSPipeline(GeneratorPipeline):
                          callback=None, oms_prompt=None, oms_guidance_scale=None, **extra):
         from ..sampling.samplers import teacher_sigmas
 
-        if extra:
-            raise ValueError(f"OMSPipeline takes no input {', '.join(sorted(extra))}")
+        steps = self._checked_steps(num_inference_steps, extra)
         if prompts:
             raise ValueError("OMSPipeline's base takes no text; pass the low-frequency prompt as oms_prompt")
-        steps = num_inference_steps or self.default_inference_steps
         x_dag = noise.to(self._execution_device, torch.float32)
         sigma0 = float(teacher_sigmas(self.base.denoiser.schedule, steps)[0])
         alpha_bar = 1.0 / (1.0 + sigma0 ** 2)

@@ -258,6 +258,16 @@ class GeneratorCallMixin:
     def extra_inputs(self) -> dict:
         return {}
 
+    def _checked_steps(self, num_inference_steps, extra: dict) -> int:
+        """generate's `num_inference_steps` (None: the default) as a valid NFE; refuses inputs it does not take."""
+        if extra:
+            raise ValueError(f"{type(self).__name__} takes no input {', '.join(sorted(extra))} (it takes noise, "
+                             "num_inference_steps, class_labels, prompts, generator)")
+        steps = self.default_inference_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.max_inference_steps:
+            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {steps!r}")
+        return steps
+
     def generate(self, noise, num_inference_steps=1, class_labels=None, prompts=None, generator=None, **extra):
         raise NotImplementedError
 
@@ -570,12 +580,7 @@ class OneStepPipeline(NetworkFacts, GeneratorCallMixin, DiffusionPipeline):
                          callback=None, **extra):
         """G(z), then re-noise to each next level and denoise again; re-noising draws from `generator` (one
         generator: the whole batch at once; a list: sample i from generator i)."""
-        if extra:
-            raise ValueError(f"{type(self).__name__} takes no input {', '.join(sorted(extra))} (it takes noise, "
-                             "num_inference_steps, class_labels, prompts, generator)")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= self.max_inference_steps:
-            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {num_inference_steps!r}")
+        num_inference_steps = self._checked_steps(num_inference_steps, extra)
         device = self._execution_device
         z = noise.to(device=device, dtype=torch.float32)
         if isinstance(generator, list) and len(generator) != len(z):

@@ -67,11 +67,7 @@ class TeacherPipeline(NetworkFacts, GeneratorPipeline):
                          callback=None, **extra):
         from ..sampling.samplers import teacher_sigmas
 
-        if extra:
-            raise ValueError(f"TeacherPipeline takes no input {', '.join(sorted(extra))}")
-        steps = num_inference_steps or self.default_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.max_inference_steps:
-            raise ValueError(f"num_inference_steps must be 1..{self.max_inference_steps}, got {steps!r}")
+        steps = self._checked_steps(num_inference_steps, extra)
         noise = noise.to(device=self._execution_device, dtype=torch.float32)
         sigmas = teacher_sigmas(self.denoiser.schedule, steps).to(noise.device)
         cond = self.conditioning(len(noise), class_labels, prompts, noise.device)
