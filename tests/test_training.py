@@ -290,3 +290,29 @@ def test_gradient_accumulation_gives_the_full_batch_gradient(tiny_teacher_dir, t
     assert len(grads) == 1
     torch.testing.assert_close(grads[0], expected)
     assert logs["loss/x"] == pytest.approx(float(x.mean()))
+
+
+def test_channels_last_keeps_every_network_nhwc_and_exports_a_contiguous_pipeline(tiny_teacher_dir, tmp_path):
+    """train.channels_last: the teacher's, generator's and fake score's conv weights are NHWC while training (the
+    faster oneDNN path, bench/quickstart_speed.py); the export is written contiguous (safetensors) and samples
+    exactly as the trained EMA network."""
+    from onestep.pipelines import load_pipeline
+
+    config = tiny_run_config(tiny_teacher_dir, tmp_path / "run", steps=2, loss="dmd")
+    config.train.channels_last = True
+    trainer = Trainer(config)
+
+    def conv_weights(module):
+        return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1
+                and m.kernel_size != (1, 1)]
+
+    for module in (trainer.method.denoiser, trainer.modules["generator"], trainer.modules["fake_score"]):
+        weights = conv_weights(module)
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                               for w in weights)
+    trainer.train()
+    noise, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    with torch.no_grad():
+        expected = trainer.method.sample(trainer.ema_network(), noise, class_labels=labels)
+        exported = load_pipeline(tmp_path / "run" / "pipeline").generate(noise, class_labels=labels)
+    torch.testing.assert_close(exported, expected.clamp(-1, 1), rtol=1e-5, atol=1e-5)  # the pipeline clamps

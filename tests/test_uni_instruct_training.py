@@ -214,3 +214,36 @@ def test_generator_gan_term_moves_samples_towards_what_the_discriminator_calls_r
     assert logs["loss/generator_gan"] > 0
     after = fake_logit()
     assert after > before + 0.2, f"fake logit {before:.3f} -> {after:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fake_samples: generator_step (DMD2's order): the fake score trains on the generator update's own samples
+# --------------------------------------------------------------------------------------------------------------
+class _MicroBatchCtx(_Ctx):
+    """Gradient accumulation as the trainer does it: `loss_fn` once per contiguous micro-batch."""
+
+    def update(self, name, loss_fn, batch):
+        for part in batch.split(2):
+            loss, logs = loss_fn(part)
+            loss.backward()
+        return logs
+
+
+@pytest.mark.parametrize("fake_samples, generator_forwards", [("fresh", 4), ("generator_step", 2)])
+def test_fake_score_trains_on_the_generator_updates_samples_when_asked(fake_samples, generator_forwards):
+    method = _grid_method(loss="dmd", fake_samples=fake_samples)
+    outputs, seen = [], []
+    method.gen.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    fake_score_loss = method.fake_score_loss
+
+    def spy(batch, ctx):
+        seen.append(batch.extras.get("generator_samples"))
+        return fake_score_loss(batch, ctx)
+
+    method.fake_score_loss = spy
+    logs = method.step(_batch(method), _MicroBatchCtx(method, step=0))
+    assert len(outputs) == generator_forwards and logs["loss/fake_dsm"] > 0   # 2 micro-batches per update
+    if fake_samples == "fresh":
+        assert seen == [None, None]
+    else:  # exactly the generator update's x0, detached, each micro-batch its own rows
+        assert torch.equal(torch.cat(seen), torch.cat(outputs)) and not any(s.requires_grad for s in seen)

@@ -7,6 +7,7 @@ every method alike. A method says which networks it trains (`trainable`), does o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class Batch:
         size = len(range(self.size)[index]) if isinstance(index, slice) else len(index)
         return Batch(x=None if self.x is None else pick(self.x), cond={k: pick(v) for k, v in self.cond.items()},
                      size=size, device=self.device, extras={k: pick(v) for k, v in self.extras.items()})
+
+    def with_extras(self, **tensors: torch.Tensor) -> "Batch":
+        """This batch with more per-row tensors in `extras` (they follow its rows through `rows` and `split`)."""
+        return dataclasses.replace(self, extras={**self.extras, **tensors})
 
     def split(self, parts: int) -> list["Batch"]:
         """`parts` contiguous micro-batches (sizes differ by at most one row)."""

@@ -56,6 +56,10 @@ class UniInstructConfig(MethodConfig):
                               "sec. 8)")
     discriminator_weight: float = Field(1.0, ge=0)
     fake_steps_per_generator_step: int = Field(1, ge=1)
+    fake_samples: Literal["fresh", "generator_step"] = Field(
+        "fresh", description="what the fake score's first update of a step trains on: fresh: a new generator draw "
+        "(SiD's order: fake update, then generator update); generator_step: the generator update's own samples, "
+        "detached (DMD2's order: generator update first), which saves one generator forward per step")
     generator_start_step: int = Field(0, ge=0, description="fake-score warm-up: no generator update before this")
     divergence_start_step: int = Field(0, ge=0, description="the reverse-KL loss (SiD alpha = 1; DMD for loss: dmd) "
                                        "before this step, the chosen divergence from it on")
@@ -109,10 +113,16 @@ class UniInstruct(Method):
                 "generator": (self.gen, self.config.generator_optimizer)}
 
     def step(self, batch: Batch, ctx) -> dict[str, float]:
-        logs = {}
-        for _ in range(self.config.fake_steps_per_generator_step):
-            logs.update(self.fake_score_step(batch, ctx))
-        if ctx.step >= self.config.generator_start_step:
+        logs, cfg = {}, self.config
+        train_generator = ctx.step >= cfg.generator_start_step
+        reuse = train_generator and cfg.fake_samples == "generator_step"
+        if reuse:  # DMD2's order: the generator update first; its detached samples train the fake score
+            logs.update(self.generator_step(batch, ctx))
+            samples = torch.cat(self._samples)  # micro-batches in row order
+        for i in range(cfg.fake_steps_per_generator_step):
+            logs.update(self.fake_score_step(batch.with_extras(generator_samples=samples) if reuse and i == 0
+                                             else batch, ctx))
+        if train_generator and not reuse:
             logs.update(self.generator_step(batch, ctx))
         return logs
 
@@ -121,9 +131,12 @@ class UniInstruct(Method):
         return ctx.update("fake_score", lambda b: self.fake_score_loss(b, ctx), batch)
 
     def fake_score_loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
+        """DSM of the fake score on the batch's `generator_samples` (detached), else on a fresh generator draw."""
         cfg, n = self.config, len(batch)
-        with torch.no_grad():
-            x_g = self.gen(self.noise(batch, ctx), **batch.cond)
+        x_g = batch.extras.get("generator_samples")
+        if x_g is None:
+            with torch.no_grad():
+                x_g = self.gen(self.noise(batch, ctx), **batch.cond)
         sigma = self.fake_sigmas(n, ctx, batch.device)
         eps = torch.randn(x_g.shape, generator=ctx.rng, device=x_g.device)
         train_d = self.fake.head is not None
@@ -145,12 +158,14 @@ class UniInstruct(Method):
 
     # (B) generator: the Uni-Instruct / SiD / DMD surrogate through frozen teacher and fake score
     def generator_step(self, batch: Batch, ctx) -> dict[str, float]:
+        self._samples = []  # each micro-batch's detached x0, in row order
         with frozen(self.fake):  # through backward too: gradient checkpointing re-runs the fake's forward there
             return ctx.update("generator", lambda b: self.generator_loss(b, ctx), batch)
 
     def generator_loss(self, batch: Batch, ctx) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         x0 = ctx.net("generator")(self.noise(batch, ctx), **batch.cond)
+        self._samples.append(x0.detach())  # for fake_samples: generator_step
         sigma = self.generator_sigmas(len(batch), ctx, x0.device)
         x_t = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=ctx.rng, device=x0.device)
         use_ratio = cfg.needs_ratio and ctx.step >= cfg.divergence_start_step

@@ -77,6 +77,9 @@ class TrainConfig(StrictModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="split each update's batch into this "
                                              "many micro-batches (less memory; DDP synchronises on the last only)")
     export_raw: bool = Field(False, description="also export the raw (non-EMA) weights to OUT/pipeline_raw")
+    channels_last: bool = Field(False, description="keep every network's 4-D weights channels-last (NHWC), which "
+                                "oneDNN (CPU) and cuDNN convolutions run faster; exports are written contiguous. "
+                                "Measured: python bench/quickstart_speed.py")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -122,6 +122,9 @@ class Trainer:
                 raise ValueError(f"init_from.{name}: method {config.method.name} trains no network {name!r}; "
                                  f"valid: {', '.join(nets)}")
             ckpt.load_initial_weights(nets[name][0], init.path, init.network or name, init.weights)
+        if config.train.channels_last:  # NHWC weights: convolutions take oneDNN's / cuDNN's faster path
+            for module in _modules_of(*(m for m, _ in nets.values()), self.method, self.teacher):
+                module.to(memory_format=torch.channels_last)
         self.modules = {name: module.to(device) for name, (module, _) in nets.items()}
         optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=o.lr,
                                               betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -325,6 +328,8 @@ class Trainer:
                                                          f".old_{folder}_{os.getpid()}"))
         for stale in [*self.out.glob(f".tmp_{folder}_*"), *self.out.glob(f".old_{folder}_*")]:  # a killed export
             shutil.rmtree(stale, ignore_errors=True)
+        if self.config.train.channels_last:  # safetensors stores contiguous tensors only
+            network = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
         try:
             self.method.export(network, tmp, card)
         except BaseException as err:  # a half-written export never stays behind
@@ -416,3 +421,12 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def _modules_of(*objects) -> list[torch.nn.Module]:
+    """The distinct modules among `objects` and their attributes (a method's or a teacher bundle's networks)."""
+    found = {}
+    for obj in objects:
+        candidates = [obj] if isinstance(obj, torch.nn.Module) else list(vars(obj).values()) if obj is not None else []
+        found.update({id(m): m for m in candidates if isinstance(m, torch.nn.Module)})
+    return list(found.values())
