@@ -1,4 +1,4 @@
-"""The AR-diffusion network of DD2 (`ARDiffusionModel`), self-contained: it needs only torch, diffusers and transformers.
+"""The AR-diffusion network of DD2 (`ARDiffusionModel`), self-contained: it needs only torch, diffusers, transformers.
 
 This module is the one implementation of the network: `onestep.ar_diffusion` (the teacher's closed-form denoiser and
 the training-side helpers) imports it from here, and every DD2 export carries this file, verbatim, as

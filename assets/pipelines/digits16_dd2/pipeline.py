@@ -10,6 +10,10 @@ so that users without onestep run the same code:
     images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images          # pixel / latent export
     images = pipe("a red circle", num_images_per_prompt=2).images                            # text export
 
+DD2 exports (`DD2Pipeline` below: tokens of an image auto-regressive teacher, decoded by its VQModel) get this file
+as `pipeline.py` too, plus their network's self-contained file (standalone_ar_diffusion.py, which also needs
+transformers) as `generator/ar_diffusion.py`, diffusers' place for a custom component class.
+
 The maths, in the variance-exploding view x_sigma = x0 + sigma * eps of any teacher schedule:
 
     G(z) = D(sigma_init * z, sigma_init)               (one network evaluation; SiD, Zhou et al. 2024, sec. 4)
