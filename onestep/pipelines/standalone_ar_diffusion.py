@@ -108,7 +108,7 @@ class ARDiffusionModel(ModelMixin, ConfigMixin):
         [B, n] (the teacher's input) or noise [B, n, d] through `noise_in` (the generator's input). A boolean
         `known` mask is not needed here: `mixed_hidden` takes both."""
         ref = tokens if tokens is not None else noise
-        n, batch = ref.shape[1], ref.shape[0]
+        batch = ref.shape[0]
         embed = self.backbone.get_input_embeddings()
         first = embed(self.class_tokens(class_labels, batch, ref.device))[:, None]
         rest = embed(tokens[:, :-1]) if tokens is not None else self.noise_in(noise[:, :-1].to(first.dtype))
