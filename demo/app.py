@@ -244,7 +244,7 @@ class Demo:
                 raise ValueError(f"--base applies to One More Step pipelines; {type(self.pipe).__name__} is not one")
             self.pipe = self.pipe.wrap(load_pipeline(base))
         self.pipe.set_progress_bar_config(disable=True)
-        if len(self.pipe.noise_shape) != 3:
+        if len(self.pipe.noise_shape) < 2:  # images, latents or tokens ([n, d], DD2Pipeline) decode to images
             raise ValueError(f"{self.pipeline_dir}: this generator makes {tuple(self.pipe.noise_shape)} vectors, not "
                              "images; the demo shows image generators (try `onestep sample`)")
         self.card = self.pipe.card

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .denoisers import import_trusted_class, load_component, read_model_index
+from .pipelines.standalone_pipeline import decode_vq_embeddings  # one VQ decode, also in DD2's pipeline.py
 
 CLASS_NAME = "AutoregressiveTeacher"
 _FOLDER = "an AutoregressiveTeacher folder (model_index.json, lm/, vq/) written by its save_pretrained"
@@ -246,19 +247,6 @@ class AutoregressiveTeacher(nn.Module):
         if device is not None or torch_dtype is not None:
             teacher.to(device=device, dtype=torch_dtype)
         return teacher
-
-
-def decode_vq_embeddings(vq, emb: torch.Tensor, token_grid) -> torch.Tensor:
-    """[B, h*w, d] vectors in the codebook space of diffusers `VQModel` `vq` -> images in [-1, 1], not quantised."""
-    h, w = token_grid
-    z = emb.reshape(len(emb), h, w, -1).permute(0, 3, 1, 2).to(vq.quantize.embedding.weight.dtype)
-    if vq.config.get("lookup_from_codebook"):
-        # VQModel.decode would read z as code ids there; its own two steps after the lookup, on vectors:
-        quant = vq.post_quant_conv(z)
-        images = vq.decoder(quant, z if vq.config.norm_type == "spatial" else None)
-    else:
-        images = vq.decode(z, force_not_quantize=True).sample
-    return images.float().clamp(-1, 1)
 
 
 def _check_transform(guidance_scale, temperature, top_k):

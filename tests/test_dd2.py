@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from onestep.ar_diffusion import (ARDiffusionModel, nearest_codes, posterior_logits, teacher_denoiser,
+from onestep.ar_diffusion import (ar_diffusion_from_teacher, nearest_codes, posterior_logits, teacher_denoiser,
                                   teacher_score)
 from onestep.methods.base import Batch, frozen
 from onestep.methods.dd2 import DD2, DD2Config, DD2GroundTruthScore, DD2GroundTruthScoreConfig, chain_rule_kl
@@ -86,7 +86,7 @@ def _gpt2(vocab: int, positions: int, width: int = 32, layers: int = 2):
 def test_backbone_states_are_the_teachers_teacher_forcing_states():
     """z_i of the AR-diffusion model under the teacher's LM head gives the teacher's logits of token i."""
     teacher = AutoregressiveTeacher(_gpt2(16 + 3 + 1, 17), _vq(16, 4), 3, [4, 4]).eval()
-    model = ARDiffusionModel.from_teacher(teacher)
+    model = ar_diffusion_from_teacher(teacher)
     tokens = teacher.sample(torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
     with torch.no_grad():
         z = model.hidden(torch.tensor([0, 1, 2]), tokens=tokens)

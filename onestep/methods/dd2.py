@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..ar_diffusion import ARDiffusionModel, nearest_codes, teacher_denoiser
+from ..ar_diffusion import ARDiffusionModel, ar_diffusion_from_teacher, nearest_codes, teacher_denoiser
 from ..losses import UniInstructLoss
 from .base import Batch, Method, MethodConfig, OptimizerConfig, StrictModel, frozen
 
@@ -114,7 +114,7 @@ class _TeacherLaw:
 
     def new_network(self) -> ARDiffusionModel:
         head = self.config.head.model_dump()
-        return ARDiffusionModel.from_teacher(self.teacher.model, **head).float().train()
+        return ar_diffusion_from_teacher(self.teacher.model, **head).float().train()
 
     @torch.no_grad()
     def sample(self, network, noise, **cond):

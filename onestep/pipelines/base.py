@@ -38,6 +38,10 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
     # The hallucination filter (onestep.sampling.hallucination) needs a denoiser of the generator's samples; a class
     # that has one sets this and implements `probe_hallucinations`.
     supports_hallucination_filter: ClassVar[bool] = False
+    # Custom-component modules a class's exports name in model_index.json for plain diffusers ([module, class], the
+    # file <component>/<module>.py beside the weights) -> the onestep module holding the same code, imported instead
+    # of the folder's copy (e.g. DD2's generator: "ar_diffusion" -> onestep.pipelines.standalone_ar_diffusion).
+    standalone_modules: ClassVar[dict] = {}
 
     @classmethod
     def accepts(cls, index: dict) -> bool:
@@ -86,6 +90,8 @@ class GeneratorPipeline(GeneratorCallMixin, DiffusionPipeline):
             if name in modules:
                 if entry is None or (isinstance(entry, list) and entry and entry[0] is None):
                     continue  # an absent optional component ([null, null])
+                if isinstance(entry, list) and len(entry) == 2 and entry[0] in cls.standalone_modules:
+                    entry = [cls.standalone_modules[entry[0]], entry[1]]
                 klass = import_trusted_class(entry, path)
                 extra = {"torch_dtype": torch_dtype} if torch_dtype is not None and issubclass(klass, torch.nn.Module) \
                     else {}

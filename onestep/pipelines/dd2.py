@@ -1,54 +1,28 @@
-"""`DD2Pipeline`: one-step (or few-step) sampling of a DD2 generator distilled from an image auto-regressive teacher.
+"""`DD2Pipeline`: one-step (or few-step) sampling of a DD2 generator distilled from an image auto-regressive teacher,
+registered.
 
-noise eps [B, n, d] -> all n token embeddings in one forward of the generator (`ARDiffusionModel.generate`, q_i
-depends on eps_<=i) -> nearest codes (optional, `quantize`) -> the teacher's VQ decoder. Few-step refinement (DD1's
-multi-step sampler, Liu et al. 2024 sec. 3.4: keep the first k tokens, regenerate the rest from the same noise): step
-s of S keeps the first round(n s / S) tokens as codes, read by the backbone as token embeddings, and regenerates the
-remaining positions. The refinement schedule is a reconstruction (DD2 reports 2-3 step numbers without the rule).
+Its generation is `standalone_pipeline.DD2Pipeline` and its network `standalone_ar_diffusion.ARDiffusionModel`: the
+two self-contained files every DD2 export carries (`pipeline.py`, `generator/ar_diffusion.py`) so that plain diffusers
+(`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`) loads it without onestep; onestep and plain
+diffusers run one implementation. This subclass adds what needs onestep: loading without running code from the
+folder (`GeneratorPipeline.from_pretrained`, which reads the generator entry ["ar_diffusion", ...] as onestep's own
+copy of that file) and the tiny components of the common tests.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from ..ar_diffusion import ARDiffusionModel, nearest_codes
-from ..teachers_ar import decode_vq_embeddings
+from . import standalone_pipeline
 from .base import GeneratorPipeline
 from .registry import register_pipeline
-from .standalone_pipeline import CARD_FILE, _whole
+from .standalone_ar_diffusion import ARDiffusionModel
 
 
 @register_pipeline
-class DD2Pipeline(GeneratorPipeline):
-    """generator: the DD2 one-step generator (`onestep.ar_diffusion.ARDiffusionModel`); vq: the teacher's diffusers
-    `VQModel` (its codebook and decoder); token_grid: [h, w] tokens of one image (raster order); quantize: snap the
-    generated embeddings to the nearest codes before decoding (the teacher's own output space); default /
-    max_inference_steps: 1 and at most 3 (refinement)."""
-
-    _network_slots = ("generator", "vq")
-
-    def __init__(self, generator, vq, token_grid=None, quantize: bool = True, default_inference_steps: int = 1,
-                 max_inference_steps: int = 3):
-        super().__init__()
-        if token_grid is None:  # VQModel: one 2x downsampling per block after the first
-            side = vq.config.sample_size // 2 ** (len(vq.config.block_out_channels) - 1)
-            token_grid = [side, side]
-        if not (isinstance(token_grid, (list, tuple)) and len(token_grid) == 2
-                and all(isinstance(v, int) and v > 0 for v in token_grid)):
-            raise ValueError(f"token_grid must be [h, w] (positive ints), got {token_grid!r}")
-        if not isinstance(quantize, bool):
-            raise ValueError(f"quantize must be true or false, got {quantize!r}")
-        max_inference_steps = _whole("max_inference_steps", max_inference_steps, 1, 64)
-        default_inference_steps = _whole("default_inference_steps", default_inference_steps, 1, max_inference_steps)
-        if generator.config.code_dim != vq.quantize.embedding.weight.shape[1] or \
-                generator.config.num_codes != vq.quantize.embedding.num_embeddings:
-            raise ValueError("generator and vq disagree on the codebook (num_codes / code_dim); export them together")
-        self.register_modules(generator=generator, vq=vq)
-        self.register_to_config(token_grid=list(token_grid), quantize=quantize,
-                                default_inference_steps=default_inference_steps,
-                                max_inference_steps=max_inference_steps)
+class DD2Pipeline(GeneratorPipeline, standalone_pipeline.DD2Pipeline):
+    __doc__ = standalone_pipeline.DD2Pipeline.__doc__
+    # model_index.json's generator ["ar_diffusion", ...] names the file beside the weights; onestep imports its copy
+    standalone_modules = {"ar_diffusion": "onestep.pipelines.standalone_ar_diffusion"}
 
     @classmethod
     def dummy_components(cls) -> dict:
@@ -68,75 +42,3 @@ class DD2Pipeline(GeneratorPipeline):
                 if not p.any():
                     p.normal_(0, 0.1)
         return {"generator": generator.eval(), "vq": vq.eval(), "token_grid": [4, 4]}  # as from_pretrained gives
-
-    # --- protocol facts -----------------------------------------------------------------------------------------
-    @property
-    def noise_shape(self) -> tuple:
-        h, w = self.config.token_grid
-        return (h * w, int(self.generator.config.code_dim))
-
-    @property
-    def num_classes(self):
-        return self.generator.config.num_classes or None
-
-    @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
-
-    @property
-    def network(self):
-        """The generator (what bench/ counts as the artifact's network)."""
-        return self.generator
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.vq.quantize.embedding.weight
-
-    # --- generation -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_latents(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,
-                         callback=None, **extra):
-        """[B, n, d] generated token embeddings (before snapping to codes and decoding)."""
-        steps = self._checked_steps(num_inference_steps, extra)
-        net = self.generator
-        device = self._execution_device
-        noise = noise.to(device=device, dtype=net.dtype)
-        labels = self.conditioning(len(noise), class_labels, prompts, device).get("class_labels")
-        n, t_gen = noise.shape[1], float(net.config.generator_t)
-        q = net.generate(noise, labels)
-        if callback is not None:
-            q = callback(0, t_gen, q)
-        codebook = self.codebook.to(q.dtype)
-        for step in range(1, steps):
-            keep = round(n * step / steps)
-            ids = nearest_codes(q, codebook)
-            known = (torch.arange(n, device=device) < keep).expand(len(q), n)
-            q = torch.where(known[..., None], codebook[ids], net.generate(noise, labels, tokens=ids, known=known))
-            if callback is not None:
-                q = callback(step, t_gen, q)
-        return q
-
-    def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
-        codebook = self.codebook
-        q = q.to(codebook.dtype)
-        if self.config.quantize:
-            q = codebook[nearest_codes(q, codebook)]
-        return decode_vq_embeddings(self.vq, q, self.config.token_grid)
-
-    @torch.no_grad()
-    def generate(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,
-                 callback=None, **extra):
-        return self.decode_latents(self.generate_latents(noise, num_inference_steps, class_labels, prompts,
-                                                         generator, callback, **extra))
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """diffusers' folder (safetensors) + onestep_card.json (teacher, method, NFE)."""
-        kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(save_directory, **kwargs)
-        card = {**self.card, "nfe": self.default_inference_steps,
-                "sampler": "DD2 one-step generator" + (", snapped to the codebook" if self.config.quantize else "")}
-        (Path(save_directory) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

@@ -10,6 +10,10 @@ so that users without onestep run the same code:
     images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images          # pixel / latent export
     images = pipe("a red circle", num_images_per_prompt=2).images                            # text export
 
+DD2 exports (`DD2Pipeline` below: tokens of an image auto-regressive teacher, decoded by its VQModel) get this file
+as `pipeline.py` too, plus their network's self-contained file (standalone_ar_diffusion.py, which also needs
+transformers) as `generator/ar_diffusion.py`, diffusers' place for a custom component class.
+
 The maths, in the variance-exploding view x_sigma = x0 + sigma * eps of any teacher schedule:
 
     G(z) = D(sigma_init * z, sigma_init)               (one network evaluation; SiD, Zhou et al. 2024, sec. 4)
@@ -676,3 +680,168 @@ class OneStepPipeline(NetworkFacts, GeneratorCallMixin, DiffusionPipeline):
             if component is not None and type(component).__module__.partition(".")[0] not in PLAIN_LIBRARIES:
                 return None
         return Path(__file__).read_text()
+
+
+# --- DD2: one-step sampling of an image auto-regressive teacher's tokens ------------------------------------------
+AR_NETWORK_FILE = "ar_diffusion.py"  # the generator's network class, beside its weights (standalone_ar_diffusion.py)
+
+
+def nearest_codes(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """[...] ids of the nearest code vector of each x [..., d] (the VQ quantiser's rule)."""
+    c = codebook.to(x.dtype)
+    d2 = x.pow(2).sum(-1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(-1)
+    return d2.argmin(-1)
+
+
+def decode_vq_embeddings(vq, emb: torch.Tensor, token_grid) -> torch.Tensor:
+    """[B, h*w, d] vectors in the codebook space of diffusers `VQModel` `vq` -> images in [-1, 1], not quantised."""
+    h, w = token_grid
+    z = emb.reshape(len(emb), h, w, -1).permute(0, 3, 1, 2).to(vq.quantize.embedding.weight.dtype)
+    if vq.config.get("lookup_from_codebook"):
+        # VQModel.decode would read z as code ids there; its own two steps after the lookup, on vectors:
+        quant = vq.post_quant_conv(z)
+        images = vq.decoder(quant, z if vq.config.norm_type == "spatial" else None)
+    else:
+        images = vq.decode(z, force_not_quantize=True).sample
+    return images.float().clamp(-1, 1)
+
+
+class DD2Pipeline(GeneratorCallMixin, DiffusionPipeline):
+    """One-step (or few-step) sampling of a DD2 generator distilled from an image auto-regressive teacher (Liu et al.,
+    NeurIPS 2025, arXiv 2510.21003).
+
+    noise eps [B, n, d] -> all n token embeddings in one forward of the generator (`ARDiffusionModel.generate`, q_i
+    depends on eps_<=i) -> nearest codes (optional, `quantize`) -> the teacher's VQ decoder. Few-step refinement
+    (DD1's multi-step sampler, Liu et al. 2024 sec. 3.4: keep the first k tokens, regenerate the rest from the same
+    noise): step s of S keeps the first round(n s / S) tokens as codes, read by the backbone as token embeddings, and
+    regenerates the remaining positions (a reconstruction: DD2 reports 2-3 step numbers without the rule).
+
+    Args:
+        generator: the DD2 generator, `ARDiffusionModel` (the export's generator/ar_diffusion.py).
+        vq: the teacher's diffusers `VQModel` (its codebook and decoder).
+        token_grid: [h, w] tokens of one image (raster order); default: the VQModel's latent size.
+        quantize: snap the generated embeddings to the nearest codes before decoding (the teacher's output space).
+        default_inference_steps / max_inference_steps: 1 and at most 3 (refinement).
+    """
+
+    model_cpu_offload_seq = "generator->vq"
+    _network_slots = ("generator", "vq")
+
+    def __init__(self, generator, vq, token_grid=None, quantize: bool = True, default_inference_steps: int = 1,
+                 max_inference_steps: int = 3):
+        super().__init__()
+        if token_grid is None:  # VQModel: one 2x downsampling per block after the first
+            side = vq.config.sample_size // 2 ** (len(vq.config.block_out_channels) - 1)
+            token_grid = [side, side]
+        if not (isinstance(token_grid, (list, tuple)) and len(token_grid) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in token_grid)):
+            raise ValueError(f"token_grid must be [h, w] (positive ints), got {token_grid!r}")
+        if not isinstance(quantize, bool):
+            raise ValueError(f"quantize must be true or false, got {quantize!r}")
+        max_inference_steps = _whole("max_inference_steps", max_inference_steps, 1, 64)
+        default_inference_steps = _whole("default_inference_steps", default_inference_steps, 1, max_inference_steps)
+        if generator.config.code_dim != vq.quantize.embedding.weight.shape[1] or \
+                generator.config.num_codes != vq.quantize.embedding.num_embeddings:
+            raise ValueError("generator and vq disagree on the codebook (num_codes / code_dim); export them together")
+        self.register_modules(generator=generator, vq=vq)
+        self.register_to_config(token_grid=list(token_grid), quantize=quantize,
+                                default_inference_steps=default_inference_steps,
+                                max_inference_steps=max_inference_steps)
+
+    # -- protocol -------------------------------------------------------------------------------------------------
+    @property
+    def noise_shape(self) -> tuple:
+        h, w = self.config.token_grid
+        return (h * w, int(self.generator.config.code_dim))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.generator.config.num_classes or None
+
+    @property
+    def max_inference_steps(self) -> int:
+        return self.config.max_inference_steps
+
+    @property
+    def default_inference_steps(self) -> int:
+        return self.config.default_inference_steps
+
+    @property
+    def network(self):
+        """The generator (what onestep's benches count as the artifact's network)."""
+        return self.generator
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_latents(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,
+                         callback=None, **extra):
+        """[B, n, d] generated token embeddings (before snapping to codes and decoding)."""
+        steps = self._checked_steps(num_inference_steps, extra)
+        net = self.generator
+        device = self._execution_device
+        noise = noise.to(device=device, dtype=net.dtype)
+        labels = self.conditioning(len(noise), class_labels, prompts, device).get("class_labels")
+        n, t_gen = noise.shape[1], float(net.config.generator_t)
+        q = net.generate(noise, labels)
+        if callback is not None:
+            q = callback(0, t_gen, q)
+        codebook = self.codebook.to(q.dtype)
+        for step in range(1, steps):
+            keep = round(n * step / steps)
+            ids = nearest_codes(q, codebook)
+            known = (torch.arange(n, device=device) < keep).expand(len(q), n)
+            q = torch.where(known[..., None], codebook[ids], net.generate(noise, labels, tokens=ids, known=known))
+            if callback is not None:
+                q = callback(step, t_gen, q)
+        return q
+
+    @torch.no_grad()
+    def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
+        codebook = self.codebook
+        q = q.to(codebook.dtype)
+        if self.config.quantize:
+            q = codebook[nearest_codes(q, codebook)]
+        return decode_vq_embeddings(self.vq, q, self.config.token_grid)
+
+    @torch.no_grad()
+    def generate(self, noise, num_inference_steps=None, class_labels=None, prompts=None, generator=None,
+                 callback=None, **extra):
+        return self.decode_latents(self.generate_latents(noise, num_inference_steps, class_labels, prompts,
+                                                         generator, callback, **extra))
+
+    # -- saving -----------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' folder (safetensors) + onestep_card.json; where plain diffusers can load every component, also
+        this file as pipeline.py and the generator's network file as generator/ar_diffusion.py, both named in
+        model_index.json (`_class_name` ["pipeline", "DD2Pipeline"], generator ["ar_diffusion", "ARDiffusionModel"])."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        out = Path(save_directory)
+        files = self.standalone_files()
+        if files is not None:
+            index_file = out / "model_index.json"
+            index = json.loads(index_file.read_text())
+            index["_class_name"] = ["pipeline", type(self).__name__]
+            index["generator"] = [Path(AR_NETWORK_FILE).stem, type(self.generator).__name__]
+            for name, text in files.items():
+                (out / name).write_text(text)
+            index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        card = {**self.card, "nfe": self.default_inference_steps,
+                "sampler": "DD2 one-step generator" + (", snapped to the codebook" if self.config.quantize else "")}
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+    def standalone_files(self) -> Optional[dict]:
+        """{path in the folder: source} of the plain-diffusers code (pipeline.py, generator/ar_diffusion.py), or None
+        where plain diffusers could not load the folder (a subclass this file does not define, a generator class other
+        than the self-contained ARDiffusionModel, a vq from outside diffusers)."""
+        network = type(self.generator)
+        if type(self).__name__ != "DD2Pipeline" or network.__name__ != "ARDiffusionModel" \
+                or not network.__module__.endswith(Path(AR_NETWORK_FILE).stem) \
+                or type(self.vq).__module__.partition(".")[0] not in PLAIN_LIBRARIES:
+            return None
+        return {STANDALONE_FILE: Path(__file__).read_text(),
+                f"generator/{AR_NETWORK_FILE}": Path(inspect.getsourcefile(network)).read_text()}
