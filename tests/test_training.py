@@ -74,6 +74,20 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_teacher_dir, tmp_pa
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + steps.count(6) - 1  # no duplicated steps
 
 
+def test_resume_takes_the_recipes_learning_rate_not_the_checkpoints(tiny_teacher_dir, tmp_path, capsys):
+    """`--resume latest --set method.generator_optimizer.lr=...` trains on at the new rate (the checkpoint restores
+    the optimizer's moments, the recipe its hyper-parameters); it says so."""
+    Trainer(tiny_run_config(tiny_teacher_dir, tmp_path, steps=2, loss="dmd")).train()
+    config = tiny_run_config(tiny_teacher_dir, tmp_path, steps=3, loss="dmd")
+    config.method.generator_optimizer.lr = 3e-6
+    resumed = Trainer(config, resume="latest")
+    assert "generator learning rate" in capsys.readouterr().out
+    resumed.train()
+    assert [g["lr"] for g in resumed.optimizers["generator"].param_groups] == [3e-6]
+    fake_lr = config.method.fake_optimizer.lr
+    assert [g["lr"] for g in resumed.optimizers["fake_score"].param_groups] == [fake_lr]
+
+
 def test_lr_schedule_is_a_function_of_the_step_so_resume_needs_no_state(tiny_teacher_dir, tmp_path):
     """The schedule (diffusers.optimization's cosine with warm-up) is set from the step at every update: a run
     resumed from its step-2 checkpoint ends with the same weights as the straight run, and the last update used

@@ -374,7 +374,13 @@ class Trainer:
                              "resume with the recipe that made it, or start fresh without --resume")
         modules = {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
         modules["ema"] = self.ema_module
+        configured = {n: [g["initial_lr"] for g in o.param_groups] for n, o in self.optimizers.items()}
         state = ckpt.load_checkpoint(path, modules, self.optimizers, self.method)
+        for name, optimizer in self.optimizers.items():  # the recipe's learning rates, not the checkpoint's
+            for group, lr in zip(optimizer.param_groups, configured[name]):
+                if group["initial_lr"] != lr and self.accelerator.is_main_process:
+                    print(f"resume: {name} learning rate {group['initial_lr']:g} -> {lr:g} (the recipe's)")
+                group["initial_lr"] = lr
         self.ema = EMAModel(self._ema_params(self.ema_module), decay=self.config.ema.decay, use_ema_warmup=False)
         self.ema.optimization_step = state["ema_optimization_step"]
         self.start_step, self.skipped_updates = state["step"], state["skipped_updates"]
