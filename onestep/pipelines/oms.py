@@ -100,14 +100,6 @@ class OMSPipeline(GeneratorPipeline):
         return self.base.num_classes
 
     @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
-
-    @property
     def extra_inputs(self) -> dict:
         return {"oms_prompt": "text", "oms_guidance_scale": "float"}
 

@@ -252,11 +252,11 @@ class GeneratorCallMixin:
 
     @property
     def max_inference_steps(self) -> int:
-        return 1
+        return self.config.get("max_inference_steps", 1)  # where the pipeline registers them in its config
 
     @property
     def default_inference_steps(self) -> int:
-        return 1
+        return self.config.get("default_inference_steps", 1)
 
     @property
     def extra_inputs(self) -> dict:
@@ -481,14 +481,6 @@ class NetworkFacts:
     def num_classes(self) -> Optional[int]:
         config = self.network.config
         return config.get("num_class_embeds") or config.get("num_classes") or None
-
-    @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
 
 
 class OneStepPipeline(NetworkFacts, GeneratorCallMixin, DiffusionPipeline):
@@ -757,14 +749,6 @@ class DD2Pipeline(GeneratorCallMixin, DiffusionPipeline):
     @property
     def num_classes(self) -> Optional[int]:
         return self.generator.config.num_classes or None
-
-    @property
-    def max_inference_steps(self) -> int:
-        return self.config.max_inference_steps
-
-    @property
-    def default_inference_steps(self) -> int:
-        return self.config.default_inference_steps
 
     @property
     def network(self):
