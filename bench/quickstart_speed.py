@@ -114,8 +114,8 @@ def main():
             name: round(results[f"threads_{lo}"][name]["step_ms"] / results[f"threads_{hi}"][name]["step_ms"], 3)
             for name in steps}}))
     if args.compile:
-        torch.set_num_threads(min(args.threads))
-        print(json.dumps({"torch_compile": compile_check(args.rounds * args.steps)}))
+        torch.set_num_threads(max(args.threads))
+        print(json.dumps({"threads": max(args.threads), "torch_compile": compile_check(args.rounds * args.steps)}))
 
 
 if __name__ == "__main__":

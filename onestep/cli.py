@@ -8,7 +8,7 @@ import textwrap
 DESCRIPTION = """\
 onestep turns a multi-step diffusion teacher into a one-step generator.
 
-  onestep quickstart --out runs/quickstart      distil the shipped digits teacher on this CPU (4-9 min)
+  onestep quickstart --out runs/quickstart      distil the shipped digits teacher on this CPU (~4 min)
   onestep train recipes/digits16_sid.yaml       run a recipe (any method, any diffusers teacher)
   accelerate launch -m onestep train RECIPE     the same on N GPUs / N CPU processes, no code change
   onestep pretrain --data digits --out DIR      train a small teacher on a built-in dataset

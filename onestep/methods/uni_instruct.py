@@ -93,6 +93,7 @@ class UniInstruct(Method):
 
     def __init__(self, config: UniInstructConfig, teacher, data):
         super().__init__(config, teacher, data)
+        self._samples: list[torch.Tensor] = []  # the last generator update's detached x0, per micro-batch
         self.gen = OneStepGenerator(trainable_copy(teacher.denoiser, config.generator_network), config.sigma_init)
         example = {k: v[:1] for k, v in (data.cond or {}).items()}
         with_head = config.needs_ratio or config.gan_weight > 0
