@@ -41,7 +41,7 @@ ROWS = [
     *[(f"nitrofusion pool+refresh, 120 steps, {n} step{'s' * (n > 1)}", RECIPES / "digits16_nitrofusion.yaml", None, n)
       for n in (1, 2, 3, 4)],
     *[(f"nitrofusion {kind}, {n} step{'s' * (n > 1)}", RECIPES / f"digits16_nitrofusion_{recipe}.yaml",
-       None, n) for kind, recipe in (("one fixed head, 160 steps (pre-fix settings)", "fixed_head"),
+       None, n) for kind, recipe in (("one fixed head, 120 steps", "fixed_head"),
                                      ("pool, no refresh, 120 steps", "no_refresh"))
       for n in (1, 4)],
     # SlimFlow (docs/slimflow.md): students with 0.245x the teacher's parameters; pairs first (recipe headers)
