@@ -11,6 +11,22 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from tiny_teachers import tiny_unet  # noqa: E402,F401  (re-exported for the tests)
 
 
+# The start of a `python -I` script in which onestep is as good as not installed: `python -I` drops PYTHONPATH, the
+# user site and the cwd; onestep's editable install is a meta-path finder (from a .pth file) and a regular install a
+# folder in site-packages, and a finder placed first that refuses `onestep` hides both. For the plain-diffusers tests.
+WITHOUT_ONESTEP = r'''
+import importlib.abc, json, sys
+
+class HideOnestep(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "onestep":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, HideOnestep())
+import torch, diffusers
+'''
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A class-conditional 8x8 DDPM teacher folder (matches `digits` at resolution 8)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import WITHOUT_ONESTEP
 from onestep.pipelines import DD2Pipeline, load_pipeline, standalone_ar_diffusion, standalone_pipeline
 from onestep.resources import ASSETS
 
@@ -22,18 +23,8 @@ SHIPPED = ASSETS / "pipelines" / "digits16_dd2"
 LABELS = [3, 1, 4, 1, 5, 9]
 OUTPUTS = [(1, "pt"), (2, "pt"), (3, "pt"), (2, "latent")]
 
-# `python -I` with a finder that refuses `onestep` placed first: onestep is as good as not installed (its editable
-# install is a meta-path finder, a regular install a site-packages folder; both are hidden).
-FRESH_PROCESS = r'''
-import importlib.abc, json, sys
-
-class HideOnestep(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "onestep":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-sys.meta_path.insert(0, HideOnestep())
-import torch, diffusers
+# Plain diffusers with onestep hidden (conftest.WITHOUT_ONESTEP)
+FRESH_PROCESS = WITHOUT_ONESTEP + r'''
 
 def run(pipe, steps, output_type):
     return pipe(class_labels=case["labels"], num_inference_steps=steps, generator=torch.Generator().manual_seed(5),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
-from conftest import tiny_unet
+from conftest import WITHOUT_ONESTEP, tiny_unet
 from tiny_teachers import latent_export, text_export
 from onestep.denoisers import MLPModel, denoiser_from_pretrained
 from onestep.generators import OneStepGenerator
@@ -31,20 +31,9 @@ SCHEDULERS = {
 OUTPUTS = [(1, "raw"), (4, "raw"), (2, "pt")]
 PROMPTS = ["a red circle", "a blue square", "a red circle"]
 
-# Runs in `python -I` (no PYTHONPATH, no user site, no cwd on sys.path). The editable install of onestep is a
-# meta-path finder installed by a .pth file, and a regular install would be a folder in site-packages; a finder
-# placed first that refuses `onestep` hides it in both cases, exactly as if it were not installed. diffusers' own
-# warnings (e.g. "config attributes ... are not expected") go to stderr, which the test reads.
-FRESH_PROCESS = r'''
-import importlib.abc, json, sys
-
-class HideOnestep(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "onestep":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-sys.meta_path.insert(0, HideOnestep())
-import torch, diffusers
+# Plain diffusers with onestep hidden (conftest.WITHOUT_ONESTEP). diffusers' own warnings (e.g. "config attributes
+# ... are not expected") go to stderr, which the test reads.
+FRESH_PROCESS = WITHOUT_ONESTEP + r'''
 
 def run(pipe, case, steps, output_type):
     prompt = case.get("prompts")
