@@ -1,5 +1,9 @@
 """Shared fixtures: tiny teachers built from config (random weights, a few hundred KB, nothing downloaded)."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +17,8 @@ from tiny_teachers import tiny_unet  # noqa: E402,F401  (re-exported for the tes
 
 # The start of a `python -I` script in which onestep is as good as not installed: `python -I` drops PYTHONPATH, the
 # user site and the cwd; onestep's editable install is a meta-path finder (from a .pth file) and a regular install a
-# folder in site-packages, and a finder placed first that refuses `onestep` hides both. For the plain-diffusers tests.
-WITHOUT_ONESTEP = r'''
+# folder in site-packages, and a finder placed first that refuses `onestep` hides both.
+_WITHOUT_ONESTEP = r'''
 import importlib.abc, json, sys
 
 class HideOnestep(importlib.abc.MetaPathFinder):
@@ -25,6 +29,19 @@ class HideOnestep(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, HideOnestep())
 import torch, diffusers
 '''
+
+
+def run_without_onestep(script: str, cases: list, cwd) -> subprocess.CompletedProcess:
+    """`script` (after imports of torch and diffusers, `sys.argv[1]` = the JSON `cases`) in a fresh `python -I` with
+    onestep hidden, offline, on one thread: the plain-diffusers tests. Fails on a non-zero exit and on diffusers'
+    config warnings ("... are not expected" / "... ignored", on stderr)."""
+    run = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_ONESTEP + script, json.dumps(cases)], cwd=cwd,
+                         capture_output=True, text=True, timeout=600,
+                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(Path(cwd) / "hf"), "PATH": "/usr/bin:/bin",
+                              "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "not expected" not in run.stderr and "ignored" not in run.stderr, run.stderr[-3000:]
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ load; and that `onestep demo` serves the shipped DD2 folder."""
 import ast
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import WITHOUT_ONESTEP
+from conftest import run_without_onestep
 from onestep.pipelines import DD2Pipeline, load_pipeline, standalone_ar_diffusion, standalone_pipeline
 from onestep.resources import ASSETS
 
@@ -23,8 +22,8 @@ SHIPPED = ASSETS / "pipelines" / "digits16_dd2"
 LABELS = [3, 1, 4, 1, 5, 9]
 OUTPUTS = [(1, "pt"), (2, "pt"), (3, "pt"), (2, "latent")]
 
-# Plain diffusers with onestep hidden (conftest.WITHOUT_ONESTEP)
-FRESH_PROCESS = WITHOUT_ONESTEP + r'''
+# Plain diffusers with onestep hidden (conftest.run_without_onestep); sys.argv[1] is the JSON list of cases
+FRESH_PROCESS = r'''
 
 def run(pipe, steps, output_type):
     return pipe(class_labels=case["labels"], num_inference_steps=steps, generator=torch.Generator().manual_seed(5),
@@ -67,12 +66,7 @@ def test_plain_diffusers_without_onestep_gives_onesteps_images(tmp_path, one_thr
         expected[name] = {f"{s}_{o}": _images(pipe, s, o) for s, o in OUTPUTS}
         cases.append({"name": name, "dir": str(folder), "outputs": OUTPUTS, "labels": LABELS,
                       "resave": str(tmp_path / f"{name}_resaved"), "out": str(tmp_path / f"got_{name}.pt")})
-    run = subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, json.dumps(cases)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600,
-                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
-                              "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "not expected" not in run.stderr and "ignored" not in run.stderr, run.stderr[-3000:]
+    run = run_without_onestep(FRESH_PROCESS, cases, tmp_path)
     assert "digits16_dd2 DD2 (conditional score distillation, one step)" in run.stdout and "dummy test" in run.stdout
     for case in cases:
         got = torch.load(case["out"], weights_only=True)

@@ -6,15 +6,13 @@ a text export and the shipped assets/pipelines/digits16 with the same images, wi
 folder it saved itself."""
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
-from conftest import WITHOUT_ONESTEP, tiny_unet
+from conftest import run_without_onestep, tiny_unet
 from tiny_teachers import latent_export, text_export
 from onestep.denoisers import MLPModel, denoiser_from_pretrained
 from onestep.generators import OneStepGenerator
@@ -31,9 +29,9 @@ SCHEDULERS = {
 OUTPUTS = [(1, "raw"), (4, "raw"), (2, "pt")]
 PROMPTS = ["a red circle", "a blue square", "a red circle"]
 
-# Plain diffusers with onestep hidden (conftest.WITHOUT_ONESTEP). diffusers' own warnings (e.g. "config attributes
+# Plain diffusers with onestep hidden (conftest.run_without_onestep). diffusers' own warnings (e.g. "config attributes
 # ... are not expected") go to stderr, which the test reads.
-FRESH_PROCESS = WITHOUT_ONESTEP + r'''
+FRESH_PROCESS = r'''
 
 def run(pipe, case, steps, output_type):
     prompt = case.get("prompts")
@@ -112,12 +110,7 @@ def test_plain_diffusers_without_onestep_gives_identical_images(tmp_path, one_th
                   "outputs": [(1, "pt"), (3, "pt")], "resave": str(tmp_path / "digits16_resaved")})
     for case in cases:
         case["out"] = str(tmp_path / f"got_{case['name']}.pt")
-    run = subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, json.dumps(cases)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600,
-                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
-                              "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "not expected" not in run.stderr and "ignored" not in run.stderr, run.stderr[-3000:]
+    run = run_without_onestep(FRESH_PROCESS, cases, tmp_path)
     for case in cases:
         got = torch.load(case["out"], weights_only=True)
         for key, want in expected[case["name"]].items():
