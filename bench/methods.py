@@ -37,12 +37,13 @@ ROWS = [
     ("teacher (dsm, DDIM-50)", RECIPES / "pretrain_digits16.yaml", DIGITS_TEACHER, 50),
     ("uni_instruct dmd, 300 steps (quickstart)", RECIPES / "quickstart_digits16.yaml", None, 1),
     ("uni_instruct sid, 2000 steps", RECIPES / "digits16_sid.yaml", ASSETS / "pipelines" / "digits16", 1),
-    # NitroFusion, started from the row above: one model at 1-4 steps, then the ablation (equal steps) at 1 and 4
-    *[(f"nitrofusion pool+refresh, 120 steps, {n} step{'s' * (n > 1)}", RECIPES / "digits16_nitrofusion.yaml", None, n)
+    # NitroFusion, started from the teacher's weights: one model at 1-4 steps, then the ablation (equal steps) at 1
+    # and 4; its initialisation on the same grid: python bench/nitrofusion.py fd (docs/nitrofusion.md sec. 6)
+    *[(f"nitrofusion pool+refresh, 300 steps, {n} step{'s' * (n > 1)}", RECIPES / "digits16_nitrofusion.yaml", None, n)
       for n in (1, 2, 3, 4)],
     *[(f"nitrofusion {kind}, {n} step{'s' * (n > 1)}", RECIPES / f"digits16_nitrofusion_{recipe}.yaml",
-       None, n) for kind, recipe in (("one fixed head, 120 steps", "fixed_head"),
-                                     ("pool, no refresh, 120 steps", "no_refresh"))
+       None, n) for kind, recipe in (("one fixed head, 300 steps", "fixed_head"),
+                                     ("pool, no refresh, 300 steps", "no_refresh"))
       for n in (1, 4)],
     # SlimFlow (docs/slimflow.md): students with 0.245x the teacher's parameters; pairs first (recipe headers)
     ("slimflow stage 1: annealed 2-RF, Euler-1", RECIPES / "digits16_slimflow_reflow.yaml", None, 1),

@@ -7,8 +7,11 @@
                                             # pool_on_cpu (measured, each in a fresh process, one thread)
 
     python bench/nitrofusion.py fd          # bench/methods.py's protocol and rows, only the teacher (DDIM-50), the
-                                            # initialisation (SiD student) and the NitroFusion rows: FD at 1-4 steps,
-                                            # the ablation, images/s at 1 and 4 steps vs DDIM-50, in one process
+                                            # initialisation and the NitroFusion rows: FD at 1-4 steps, the
+                                            # ablation, images/s at 1 and 4 steps vs DDIM-50, in one process
+
+The initialisation is the recipe's step-0 export (the generator is not updated during the 40 warm-up steps):
+    onestep train recipes/digits16_nitrofusion.yaml --set train.steps=1 --set output_dir=runs/digits16_nitrofusion_step0
 
 The same rows are in `python bench/methods.py` (all methods).
 Training state of a pool parameter: fp32 weight + gradient + two AdamW moments = 16 B (the undrawn heads have no
@@ -25,6 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "digits16_nitrofusion.yaml"
+INIT = Path("runs/digits16_nitrofusion_step0/pipeline")
 STATE_BYTES = 16
 
 
@@ -123,11 +127,13 @@ def cmd_fd(args):
     print(f"protocol: bench/methods.py's ({args.num_samples} samples x seeds {seeds}, balanced labels, onestep-digits "
           f"FD vs 1797 digits; images/s at batch 250, {torch.get_num_threads()} thread(s))")
     print("| row | NFE | FD (mean +- sd) | images/s | wall s |\n| --- | ---: | ---: | ---: | ---: |")
-    for name, recipe, shipped, steps in ROWS:
-        if not name.startswith(("teacher", "uni_instruct sid", "nitrofusion")):
+    init = [(f"nitrofusion initialisation (step-0 export), {n} step{'s' * (n > 1)}", INIT, n) for n in (1, 2, 3, 4)]
+    for name, recipe, shipped, steps in ROWS[:1] + [(n, None, f, k) for n, f, k in init] + ROWS[1:]:
+        if not name.startswith(("teacher", "nitrofusion")):
             continue
-        folder, source = _artifact(recipe, shipped, False)
-        if folder is None:
+        folder, source = _artifact(recipe, shipped, False) if recipe else (shipped, "")
+        if folder is None or not (Path(folder) / "model_index.json").is_file():
+            source = source or f"missing {folder}: see this file's docstring"
             print(f"| {name} | {steps} | - | - | - ({source}) |")
             continue
         t0 = time.time()
