@@ -1,6 +1,6 @@
 """NCT on the embedded digits: control consistency and FD of the unadapted generator, NCT and the regression baseline.
 
-    python bench/nct.py                       # score the finished runs (train them first, ~10-25 min each here):
+    python bench/nct.py                       # score the finished runs (train them first, 12-32 min each here):
         onestep train recipes/digits16_nct_edges.yaml
         onestep train recipes/digits16_nct_edges.yaml --set method.objective=regression \
             --set output_dir=runs/digits16_regression_edges
@@ -8,8 +8,17 @@
     python bench/nct.py --png assets/nct_digits16.png      # also write the picture: controls | base | NCT | regression
 
 Protocol, for each control (Sobel edges; 4x lower resolution): n samples per seed with balanced class labels
-(`onestep.data.labels.evaluation_inputs`, as bench/methods.py); sample i gets the class label of data row r_i and the
-control C(x_data[r_i]) of that real digit, with noise independent of it. Rows:
+(`onestep.data.labels.evaluation_inputs`, as bench/methods.py); sample i gets the class label of data row r_i and
+noise z_i, and a control from one of two sources, both scored:
+
+  data controls   C(x_data[r_i]), the control of that real digit (independent of z_i);
+  base controls   C(f(z'_i, label)), the control of the base generator's own sample from other noise z'_i (seed
+                  + 1000). An adapter that follows it perfectly and keeps the base's conditional law keeps the base's
+                  marginal, so this FD isolates what the adapter costs the base (NCT's own criterion, Luo et al. 2025,
+                  sec. 3: the adapted generator targets p_base(x | c)); real-digit controls also ask for images the
+                  base never makes, which moves FD for any adapter.
+
+Rows:
 
   (a) base        the shipped one-step generator (assets/pipelines/digits16), which ignores the control;
   (b) NCT         the same generator with the NCT adapter (`onestep.methods.nct`, objective nct);
@@ -39,20 +48,20 @@ CONTROLS = {  # control name -> (control spec, NCT run, regression run)
     "edges (sobel)": ({"name": "sobel"}, "runs/digits16_nct_edges", "runs/digits16_regression_edges"),
     "lowres (4x)": ({"name": "lowres", "factor": 4}, "runs/digits16_nct_lowres", "runs/digits16_regression_lowres"),
 }
-EXTRA_RUNS = {  # further NCT runs scored when present: control name -> [(row label, run folder)]
-    "edges (sobel)": [("(b2) NCT, xi 0.001, 200 steps", "runs/digits16_nct_edges_tight")],
-}
 
 
 @torch.no_grad()
-def score(pipe, control, data, n: int, seeds: list[int], use_control: bool) -> dict:
+def score(pipe, control, data, n: int, seeds: list[int], use_control: bool, base=None) -> dict:
+    """Consistency and FD per seed; the controls are the data rows' (base None) or those of `base`'s samples."""
     cons, fds = [], []
     for seed in seeds:
         images, dists = [], []
-        for noise, rows in evaluation_inputs(data, pipe.noise_shape, n, seed):
-            c = control(data.x[rows])
+        others = evaluation_inputs(data, pipe.noise_shape, n, seed + 1000)
+        for (noise, rows), (other, _) in zip(evaluation_inputs(data, pipe.noise_shape, n, seed), others):
+            labels = data.labels[rows]
+            c = control(data.x[rows] if base is None else base.generate(other, 1, class_labels=labels).float())
             extra = {"control_image": c} if use_control else {}
-            x = pipe.generate(noise, 1, class_labels=data.labels[rows], **extra).float()
+            x = pipe.generate(noise, 1, class_labels=labels, **extra).float()
             images.append(x)
             dists.append(consistency(control, x, c))
         cons.append(float(torch.cat(dists).mean()))
@@ -145,7 +154,6 @@ def main(argv=None) -> int:
         control = control_model(spec)
         rows = [("(a) base, unadapted", base, False, str(BASE))]
         runs = [("(b) NCT", nct, "nct"), ("(c) regression on data pairs", regression, "regression")]
-        runs += [(label, run, label) for label, run in EXTRA_RUNS.get(name, [])]
         for label, run, key in runs:
             folder = Path(run) / "pipeline"
             if (folder / "model_index.json").is_file():
@@ -162,17 +170,23 @@ def main(argv=None) -> int:
                      for s in args.scales if s != 1.0]
         for label, pipe, use, source in rows:
             card = pipe.card
+            on_base = score(pipe, control, data, args.num_samples, seeds, use, base=base)
             results.append({"control": name, "row": label, "source": source, "train_s": card.get("train_seconds"),
-                            "steps": card.get("steps"), **score(pipe, control, data, args.num_samples, seeds, use)})
-    print(f"protocol: {args.num_samples} samples x seeds {seeds}, balanced labels, control of the data row's digit, "
-          "independent noise; consistency = mean |C(out) - c| on [0, 1]; onestep-digits FD vs 1797 digits")
-    print(f"{'control':14} {'row':36} {'consistency':>17} {'FD':>13} {'train s':>8}  source")
+                            "steps": card.get("steps"), **score(pipe, control, data, args.num_samples, seeds, use),
+                            "consistency_base_controls": on_base["consistency"], "fd_base_controls": on_base["fd"]})
+    print(f"protocol: {args.num_samples} samples x seeds {seeds}, balanced labels, independent noise; controls of "
+          "the data row's digit | of the base's sample from other noise; consistency = mean |C(out) - c| on [0, 1]; "
+          "onestep-digits FD vs 1797 digits")
+    print(f"{'':51} {'---- data controls ----':>31}   {'---- base controls ----':>31}")
+    print(f"{'control':14} {'row':36} {'consistency':>17} {'FD':>13}   {'consistency':>17} {'FD':>13} "
+          f"{'train s':>8}  source")
     for r in results:
         if "fd" not in r:
-            print(f"{r['control']:14} {r['row']:36} {'-':>17} {'-':>13} {'-':>8}  {r['source']}")
+            print(f"{r['control']:14} {r['row']:36} {'-':>17} {'-':>13}   {'-':>17} {'-':>13} {'-':>8}  {r['source']}")
             continue
         train = f"{r['train_s']:.0f}" if r.get("train_s") else "-"
-        print(f"{r['control']:14} {r['row']:36} {_ms(r['consistency']):>17} {_ms(r['fd']):>13} {train:>8}  "
+        print(f"{r['control']:14} {r['row']:36} {_ms(r['consistency']):>17} {_ms(r['fd']):>13}   "
+              f"{_ms(r['consistency_base_controls']):>17} {_ms(r['fd_base_controls']):>13} {train:>8}  "
               f"{r['source']}")
     if args.png:
         picture(args.png, data, pipes)
