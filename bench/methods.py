@@ -3,6 +3,7 @@
     python bench/methods.py                 # score the finished runs (or the shipped exports) of each row
     python bench/methods.py --train         # first train the rows whose run is missing (minutes to an hour each)
     python bench/methods.py --seeds 3 -n 1000 --json
+    python bench/methods.py --only slimflow,plain,sid   # a subset of the rows (names containing these words)
 
 Each row is one method's digits recipe. Its artifact is read from the run's `pipeline/` (output_dir of the recipe) when
 that run finished, else from the shipped copy named in ROWS, else trained with --train. Every artifact is loaded
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..S (default 3)")
     parser.add_argument("--train", action="store_true", help="train rows whose run is missing")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    parser.add_argument("--only", type=lambda v: [w for w in v.split(",") if w], default=None, metavar="WORDS",
+                        help="score only rows whose name contains one of these comma-separated words, e.g. "
+                             "--only slimflow,plain,sid (the teacher row, ~20 min of DDIM-50, only if named)")
     args = parser.parse_args(argv)
     if args.num_samples < 2 or args.seeds < 1:
         parser.error("-n must be >= 2 and --seeds >= 1")
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     seeds = list(range(1, args.seeds + 1))
     rows, teacher_fd = [], None
     for name, recipe, shipped, steps in ROWS:
+        if args.only and not any(word in name for word in args.only):
+            continue
         folder, source = _artifact(recipe, shipped, args.train)
         row = {"method": name, "source": source, "command": f"onestep train {recipe.relative_to(RECIPES.parent)}"}
         if folder is not None:
