@@ -46,6 +46,17 @@ def test_generator_timesteps_window_is_configurable_and_checked():
         UniInstructConfig(generator_timesteps=(500, 100))
 
 
+def test_generator_sigma_uniform_draws_the_native_timestep_uniformly_on_the_window():
+    """DMD2's draw: every timestep of the window about equally often, none outside."""
+    schedule = _sd_schedule()
+    t = schedule.timestep(_draw(schedule, generator_sigma="uniform").double()).round()
+    assert t.min() >= 20 and t.max() <= 979
+    counts = torch.bincount(t.long(), minlength=1000)[21:979].double() / len(t)
+    assert (counts - 1 / 959).abs().max() < 0.3 / 959
+    for q in (0.1, 0.5, 0.9):
+        assert abs(t.quantile(q) - (20 + q * 959)) <= 3, q
+
+
 def test_continuous_teacher_draw_is_unchanged_by_the_window():
     """EDM: the default window is the schedule's range, which holds the whole Karras draw: same numbers as before."""
     sigma = _draw(EDMSchedule(), 10_000, denoiser=EDMDenoiser)

@@ -48,6 +48,9 @@ class UniInstructConfig(MethodConfig):
         None, description="[t_min, t_max] in the teacher's native timesteps: the generator-loss noise level is drawn "
         "within this window (a truncated draw, nothing piles up on its ends); default: the teacher schedule's, "
         "[20, 979] of 1000 steps for DDPM-style teachers as in SiD-LSG and DMD2, the full range otherwise")
+    generator_sigma: Literal["karras", "uniform"] = Field(
+        "karras", description="generator-loss noise level within the window: karras: SiD's Karras draw (see tmax); "
+        "uniform: the native timestep uniform on the window, as DMD2 draws it (`randint(min_step, max_step)`)")
     fake_sigma: Literal["native", "lognormal"] = "native"
     generator_loss_scale: float = Field(100.0, gt=0)        # SiD's lsg
     gan_weight: float = Field(0.0, ge=0, description="generator GAN term weight, 0 = off (needs real samples). Not "
@@ -198,9 +201,14 @@ class UniInstruct(Method):
         """SiD's Karras draw (u ~ U[0, tmax/1000], `karras_sigmas`), shifted as the teacher samples, conditioned on
         the timestep window [t_min, t_max]: u is drawn uniformly on the sub-interval of [0, u_max] whose noise level
         falls inside the window (the level increases with u), so the in-window density is the Karras one and no
-        draw is clamped onto an end (clamping put 17.7 % of SD's draws at t = 0 and 9.6 % at t = 999)."""
+        draw is clamped onto an end (clamping put 17.7 % of SD's draws at t = 0 and 9.6 % at t = 999).
+        `generator_sigma: uniform` draws the native timestep uniformly on the window instead (DMD2,
+        github.com/tianweiy/DMD2, `torch.randint(min_step, max_step)`)."""
         schedule = self.denoiser.schedule
         t_min, t_max = self.config.generator_timesteps or schedule.distillation_window()
+        if self.config.generator_sigma == "uniform":
+            t = t_min + torch.rand(n, generator=ctx.rng, device=device, dtype=torch.float64) * (t_max - t_min)
+            return self.denoiser.round_sigma(schedule.sigma_of_timestep(t)).float().to(device)
         lo, hi = (float(schedule.sigma_of_timestep(torch.tensor(t, dtype=torch.float64))) for t in (t_min, t_max))
         level = lambda u: float(schedule.shifted(karras_sigma_at(torch.tensor(u, dtype=torch.float64))))  # noqa: E731
         u_max = self.config.tmax / 1000
