@@ -6,6 +6,7 @@ times full trainer steps; the variants are timed in interleaved rounds so drift 
     python bench/quickstart_speed.py                      # the variants below, 1 and 2 threads
     python bench/quickstart_speed.py --threads 1 --rounds 5
     python bench/quickstart_speed.py --compile            # also torch.compile of the UNet's forward + backward
+    python bench/quickstart_speed.py --passes --threads 1 # what one UNet pass costs, and a DMD step's sum of them
 
 Variants, each against `default` (both off): channels-last weights (`train.channels_last`), the fake score trained on
 the generator step's own samples (`method.fake_samples: generator_step`, DMD2's order, one generator forward less),
@@ -77,6 +78,36 @@ def compile_check(repeats: int) -> dict:
             round(1000 * compile_s / max(eager_ms - compiled_ms, 1e-9)) if eager_ms > compiled_ms else None}
 
 
+def passes_check(batch: int, repeats: int) -> dict:
+    """The shipped digits UNet (channels-last, as the recipe runs it): forward without gradient and forward +
+    backward, median ms; a quickstart (DMD) step is 2 of each: the generator's and the fake score's update, and
+    the teacher's and the fake score's forward for the direction."""
+    from diffusers import UNet2DModel
+
+    from onestep.resources import DIGITS_TEACHER
+
+    unet = UNet2DModel.from_pretrained(DIGITS_TEACHER / "unet").to(memory_format=torch.channels_last)
+    x, t, y = torch.randn(batch, 1, 16, 16), torch.full((batch,), 440.0), torch.randint(10, (batch,))
+
+    def forward():
+        with torch.no_grad():
+            unet(x, t, class_labels=y)
+
+    def forward_backward():
+        unet(x, t, class_labels=y).sample.square().mean().backward()
+
+    ms = {}
+    for name, fn in (("forward_ms", forward), ("forward_backward_ms", forward_backward)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        ms[name] = round(1000 * statistics.median(times), 1)
+    return {**ms, "dmd_step_sum_ms": round(2 * ms["forward_ms"] + 2 * ms["forward_backward_ms"], 1)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads to compare")
@@ -86,7 +117,15 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which variants (default: all; 'default' is always included as the reference)")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    parser.add_argument("--passes", action="store_true", help="only time one UNet forward and forward + backward "
+                        "per thread count (what a step is made of), then exit")
     args = parser.parse_args()
+    if args.passes:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            print(json.dumps({"threads": threads, "batch": args.batch,
+                              **passes_check(args.batch, args.rounds * args.steps)}), flush=True)
+        return
 
     results = {}
     with tempfile.TemporaryDirectory() as out:
