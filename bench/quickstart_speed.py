@@ -96,15 +96,10 @@ def passes_check(batch: int, repeats: int) -> dict:
     def forward_backward():
         unet(x, t, class_labels=y).sample.square().mean().backward()
 
-    ms = {}
-    for name, fn in (("forward_ms", forward), ("forward_backward_ms", forward_backward)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        ms[name] = round(1000 * statistics.median(times), 1)
+    from train_step import timed  # bench/ is on sys.path when run as a script
+
+    ms = {"forward_ms": round(1000 * timed(forward, repeats), 1),
+          "forward_backward_ms": round(1000 * timed(forward_backward, repeats), 1)}
     return {**ms, "dmd_step_sum_ms": round(2 * ms["forward_ms"] + 2 * ms["forward_backward_ms"], 1)}
 
 
